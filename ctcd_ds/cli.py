@@ -1,0 +1,104 @@
+"""``ctcd-ds`` command line: pretrain | export | presets | show-config.
+
+User mistakes print ``error: ...`` lines (all of them at once) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from ctcd_ds.config import ConfigError, dump_yaml, load_config, options_help, recipe_names
+
+EXIT_USAGE = 2
+
+
+def _options_epilog() -> str:
+    lines = ["settings (override any with --section.key=VALUE; values are parsed as YAML):"]
+    for flag, default, doc in options_help():
+        lines.append(f"  --{flag} (default {default})")
+        lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctcd-ds", description="Co-training and co-distillation of masked LMs on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    pre = sub.add_parser(
+        "pretrain",
+        help="co-train the members of a run (run it under the deepspeed launcher for several ranks)",
+        formatter_class=fmt,
+        epilog=_options_epilog(),
+        description="Train every member of a distillation graph on one shared MLM data stream.",
+    )
+    pre.add_argument("--config", default=None, help=f"a recipe name ({', '.join(recipe_names())}) or a YAML/JSON file; default: ctcd")
+    pre.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    show = sub.add_parser("show-config", help="print the resolved config of a recipe and overrides, then exit", formatter_class=fmt, epilog=_options_epilog())
+    show.add_argument("--config", default=None)
+    exp = sub.add_parser("export", help="export every member of a checkpoint as a Hugging Face directory")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint dir (checkpoints/step_N) or a run dir (its latest checkpoint)")
+    exp.add_argument("--out", required=True, help="output directory; one sub-directory per member")
+    sub.add_parser("presets", help="list model presets and recipes")
+    return parser
+
+
+def _pretrain(config: str | None, overrides: list[str]) -> int:
+    from ctcd_ds import dist
+    from ctcd_ds.validation import validate
+
+    problems: list[str] = []
+    cfg = load_config(config or "ctcd", overrides, problems)
+    validate(cfg, problems)  # everything at once, before any file is written or process group joined
+    from ctcd_ds.trainer import Trainer
+
+    dist.init_distributed()
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.train()
+        exports = trainer.export() if cfg.export else {}
+    finally:
+        trainer.close()
+    dist.print0(f"\ndone: {cfg.train.steps} steps of {', '.join(cfg.members)}")
+    dist.print0(f"  tensorboard: {summary['tensorboard']}   (tensorboard --logdir {summary['tensorboard']})")
+    dist.print0(f"  checkpoint:  {summary['checkpoint']}")
+    for name, path in exports.items():
+        dist.print0(f"  export:      {path}   ({name})")
+    dist.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "pretrain":
+            return _pretrain(args.config, rest)
+        if args.command == "show-config":
+            print(dump_yaml(load_config(args.config or "ctcd", rest)), end="")
+            return 0
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "export":
+            from ctcd_ds.export import export_checkpoint
+
+            export_checkpoint(args.checkpoint, args.out)
+        elif args.command == "presets":
+            from ctcd_ds.models import PRESETS
+
+            for name, p in PRESETS.items():
+                print(f"{name:14s} {p.layers:2d}L-{p.hidden:<4d} {p.heads:2d} heads, ffn {p.ffn:<5d} {p.note}")
+            print(f"recipes: {', '.join(recipe_names())}")
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # user mistakes found while loading data/models
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

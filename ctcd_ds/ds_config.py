@@ -1,0 +1,102 @@
+"""Derive each engine's DeepSpeed config from a ZeRO template (ds_configs/) and the run config.
+
+Templates hold only ZeRO tuning; every per-run value (batch, accumulation, clipping, precision) comes
+from the run config, so it lives in exactly one place. A template that sets one is rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from ctcd_ds.config import PACKAGE_DIR, RunConfig
+
+DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+
+RUN_OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "optimizer": "members.NAME.lr / weight_decay / beta1 / beta2",
+    "scheduler": "members.NAME.warmup_ratio / lr_schedule",
+}
+
+
+def template_names() -> list[str]:
+    return sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
+
+
+def template_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        return path
+    return DS_CONFIGS_DIR / f"{name_or_path}.json"
+
+
+def template_problems(name_or_path: str) -> list[str]:
+    """Everything wrong with a template, as one line each (empty if it is usable)."""
+    flag = f"deepspeed.template={name_or_path}"
+    path = template_path(name_or_path)
+    if not path.is_file():
+        return [f"{flag}: no such file (shipped templates: {', '.join(template_names())})"]
+    try:
+        tmpl = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{flag}: not valid JSON: {exc}"]
+    if not isinstance(tmpl, dict):
+        return [f"{flag}: expected a JSON object"]
+    problems = [f"{flag}: sets '{k}', which comes from the run config ({v}); remove it from the template" for k, v in RUN_OWNED_KEYS.items() if k in tmpl]
+    stage = tmpl.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{flag}: zero_optimization.stage={stage!r} is not a ZeRO stage (0, 1, 2 or 3)")
+    return problems
+
+
+def load_template(name_or_path: str) -> dict[str, Any]:
+    problems = template_problems(name_or_path)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return json.loads(template_path(name_or_path).read_text())
+
+
+def zero_stage(cfg: RunConfig) -> int:
+    return int(load_template(cfg.deepspeed.template).get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(cfg: RunConfig) -> bool:
+    return load_template(cfg.deepspeed.template).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+
+
+def engine_config(cfg: RunConfig, *, trainable: bool, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of one member's engine.
+
+    Frozen members get no optimizer: ZeRO-3 (parameters partitioned) when the run uses ZeRO-3,
+    otherwise stage 0 (ZeRO stages 1-2 only shard optimizer state and gradients, which they lack).
+    """
+    ds = copy.deepcopy(load_template(cfg.deepspeed.template))
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
+    if trainable:
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    else:
+        zero = ds.get("zero_optimization", {})
+        if zero.get("stage", 0) == 3:
+            zero.pop("offload_optimizer", None)
+        else:
+            ds["zero_optimization"] = {"stage": 0}
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    else:
+        assert precision == "fp32", precision
+    return ds

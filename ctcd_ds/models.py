@@ -1,0 +1,94 @@
+"""BERT presets, building/loading members, and the sparse-prediction wrapper each engine holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    max_positions: int = 512
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-teacher": Preset(4, 256, 4, 1024, note="CPU default teacher (~3M params + embeddings)"),
+    "tiny-student": Preset(2, 128, 2, 512, note="CPU default student"),
+    "paper-teacher": Preset(6, 768, 12, 3072, note="6L-768, the DWT/CTCD papers' larger model (~67M)"),
+    "paper-student": Preset(4, 768, 12, 3072, note="4L-768, the papers' smaller model (~52M)"),
+    "bert-base": Preset(12, 768, 12, 3072, note="BERT-base shape (12L-768)"),
+    "bert-large": Preset(24, 1024, 16, 4096, note="BERT-large shape (24L-1024)"),
+}
+
+
+def is_pretrained_path(model: str) -> bool:
+    return model not in PRESETS
+
+
+def model_config(model: str, vocab_size: int, pad_token_id: int) -> PretrainedConfig:
+    """The transformers config of a preset (for ``vocab_size``) or of a model directory."""
+    if is_pretrained_path(model):
+        return AutoConfig.from_pretrained(model)
+    p = PRESETS[model]
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        intermediate_size=p.ffn,
+        max_position_embeddings=p.max_positions,
+        pad_token_id=pad_token_id,
+    )
+
+
+def build_model(model: str, vocab_size: int, pad_token_id: int) -> PreTrainedModel:
+    """A freshly initialised preset, or the pretrained weights in a directory (fp32)."""
+    if is_pretrained_path(model):
+        return AutoModelForMaskedLM.from_pretrained(model, dtype=torch.float32)
+    return BertForMaskedLM(model_config(model, vocab_size, pad_token_id))
+
+
+def mlm_head(model: PreTrainedModel) -> nn.Module:
+    """The prediction head (transform + decoder) of a masked LM."""
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise ValueError(f"model {type(model).__name__} has no MLM head named 'cls' or 'lm_head'")
+
+
+class SparseMLM(nn.Module):
+    """Wraps a masked LM so its forward returns logits at the masked positions only.
+
+    The encoder runs on the whole block; the hidden states of the masked positions are gathered
+    first and only they go through the LM head (DeepSpeed's BERT examples do the same), which
+    removes most of the head's compute and memory. This module is what each DeepSpeed engine holds.
+    """
+
+    def __init__(self, mlm: PreTrainedModel):
+        super().__init__()
+        self.mlm = mlm
+        mlm_head(mlm)  # fail early on a model without an MLM head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+        """``predict`` is a bool [batch, seq] mask of the positions to predict -> logits [n_predict, vocab]."""
+        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mlm_head(self.mlm)(hidden[predict])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_hf(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """``save_pretrained`` with the given (full, fp32) weights."""
+    model.save_pretrained(out_dir, state_dict={k: v.float().contiguous() for k, v in state_dict.items()})

@@ -1,0 +1,175 @@
+"""Check a whole run config before anything is written; report every problem at once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from ctcd_ds import checkpoint, ds_config, losses
+from ctcd_ds.config import ConfigError, RunConfig
+from ctcd_ds.data import corpus_files
+from ctcd_ds.models import PRESETS, is_pretrained_path
+from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _text_file_problem(flag: str, path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return f"{flag}: {path}: no such file"
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        if not any(line.strip() for line in fh):
+            return f"{flag}: {path}: the file has no text (empty corpus)"
+    return None
+
+
+def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
+    """Per-member checks; returns the transformers config of every pretrained member that loaded."""
+    hf_configs: dict[str, object] = {}
+    if not cfg.members:
+        problems.append("members: a run needs at least one member")
+    for name, m in cfg.members.items():
+        flag = f"members.{name}"
+        if is_pretrained_path(m.model):
+            if not (Path(m.model) / "config.json").is_file():
+                problems.append(f"{flag}.model={m.model}: neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
+            else:
+                try:
+                    hf_configs[name] = AutoConfig.from_pretrained(m.model)
+                except (OSError, ValueError) as exc:
+                    problems.append(f"{flag}.model={m.model}: cannot read its config: {exc}")
+        elif not m.trainable:
+            problems.append(f"{flag}.trainable=false: a frozen member needs pretrained weights, but model={m.model} is a preset (give a model directory)")
+        if m.lr <= 0:
+            problems.append(f"{flag}.lr={m.lr}: must be > 0")
+        if m.weight_decay < 0:
+            problems.append(f"{flag}.weight_decay={m.weight_decay}: must be >= 0")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(m, beta) < 1:
+                problems.append(f"{flag}.{beta}={getattr(m, beta)}: must be in [0, 1)")
+        if not 0 <= m.warmup_ratio < 1:
+            problems.append(f"{flag}.warmup_ratio={m.warmup_ratio}: must be in [0, 1)")
+        if m.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"{flag}.lr_schedule={m.lr_schedule}: must be one of {', '.join(LR_SCHEDULES)}")
+    if cfg.members and not any(m.trainable for m in cfg.members.values()):
+        problems.append("members: no member is trainable; nothing to train")
+    return hf_configs
+
+
+def _edge_problems(cfg: RunConfig, problems: list[str]) -> None:
+    seen = Counter((e.source, e.target) for e in cfg.edges)
+    for i, e in enumerate(cfg.edges):
+        flag = f"edges.{i}"
+        for end in ("source", "target"):
+            if getattr(e, end) not in cfg.members:
+                problems.append(f"{flag}.{end}={getattr(e, end)}: no member of that name (members: {', '.join(cfg.members)})")
+        if e.source == e.target:
+            problems.append(f"{flag}: source and target are both {e.source}; an edge joins two members")
+        elif e.target in cfg.members and not cfg.members[e.target].trainable:
+            problems.append(f"{flag}.target={e.target}: that member is frozen and cannot learn; make it the source or set members.{e.target}.trainable=true")
+        if e.weight < 0:
+            problems.append(f"{flag}.weight={e.weight}: must be >= 0")
+        if e.temperature <= 0:
+            problems.append(f"{flag}.temperature={e.temperature}: must be > 0")
+        if seen[(e.source, e.target)] > 1:
+            problems.append(f"{flag}: the edge {e.source}->{e.target} is given {seen[(e.source, e.target)]} times")
+
+
+def _data_problems(cfg: RunConfig, problems: list[str]) -> None:
+    d = cfg.data
+    train_files, eval_files = corpus_files(d)
+    if d.dataset and d.train_files:
+        problems.append(f"data.dataset={d.dataset}: give either data.dataset or data.train_files, not both")
+    for flag, files in (("data.train_files", train_files), ("data.eval_files", eval_files)):
+        problems.extend(p for p in (_text_file_problem(flag, f) for f in files) if p)
+    if d.seq_len < 8:
+        problems.append(f"data.seq_len={d.seq_len}: must be >= 8")
+    if not 0 < d.mlm_probability < 1:
+        problems.append(f"data.mlm_probability={d.mlm_probability}: must be in (0, 1)")
+    if not 0 <= d.eval_fraction < 1:
+        problems.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    if d.max_train_blocks < 0:
+        problems.append(f"data.max_train_blocks={d.max_train_blocks}: must be >= 0")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers}: must be >= 0")
+
+
+def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
+    t = cfg.tokenizer
+    if t.path and not has_tokenizer(t.path):
+        problems.append(f"tokenizer.path={t.path}: no tokenizer files there")
+        return
+    if t.vocab_size < 64:
+        problems.append(f"tokenizer.vocab_size={t.vocab_size}: must be >= 64")
+    if t.max_sentences <= 0:
+        problems.append(f"tokenizer.max_sentences={t.max_sentences}: must be > 0")
+    source = pretrained_tokenizer_source(t.path, {n: m.model for n, m in cfg.members.items()})
+    vocab = None
+    if source:
+        try:
+            vocab = len(load_tokenizer(source))
+        except (OSError, ValueError) as exc:
+            problems.append(f"tokenizer: cannot load the tokenizer in {source}: {exc}")
+    elif hf_configs:
+        names = ", ".join(hf_configs)
+        problems.append(f"tokenizer.path: empty, and the pretrained member(s) {names} carry no tokenizer; give the tokenizer they were trained with")
+    for name, hf in hf_configs.items():
+        member_vocab = getattr(hf, "vocab_size", None)
+        if vocab is not None and member_vocab != vocab:
+            problems.append(f"members.{name}.model={cfg.members[name].model}: vocab_size={member_vocab} but the run's tokenizer ({source}) has {vocab} tokens; all members must share one vocabulary")
+    for name, hf in hf_configs.items():
+        max_pos = getattr(hf, "max_position_embeddings", None)
+        if max_pos is not None and cfg.data.seq_len > max_pos:
+            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} max_position_embeddings={max_pos}")
+    for name, m in cfg.members.items():
+        if m.model in PRESETS and cfg.data.seq_len > PRESETS[m.model].max_positions:
+            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} ({m.model}) max positions {PRESETS[m.model].max_positions}")
+
+
+def _train_problems(cfg: RunConfig, problems: list[str]) -> None:
+    tr = cfg.train
+    for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
+        if getattr(tr, key) <= 0:
+            problems.append(f"train.{key}={getattr(tr, key)}: must be > 0")
+    if tr.eval_every < 0:
+        problems.append(f"train.eval_every={tr.eval_every}: must be >= 0")
+    if tr.grad_clip < 0:
+        problems.append(f"train.grad_clip={tr.grad_clip}: must be >= 0")
+    if tr.precision not in PRECISIONS:
+        problems.append(f"train.precision={tr.precision}: must be one of {', '.join(PRECISIONS)}")
+    if tr.kd_loss not in losses.IMPLEMENTATIONS:
+        problems.append(f"train.kd_loss={tr.kd_loss}: must be one of {', '.join(losses.IMPLEMENTATIONS)}")
+
+
+def _checkpoint_problems(cfg: RunConfig, problems: list[str]) -> None:
+    c = cfg.checkpoint
+    if c.every < 0:
+        problems.append(f"checkpoint.every={c.every}: must be >= 0")
+    if c.keep_last < 0:
+        problems.append(f"checkpoint.keep_last={c.keep_last}: must be >= 0")
+    if c.resume == "never":
+        existing = checkpoint.latest(Path(cfg.output_dir))
+        if existing:
+            problems.append(f"checkpoint.resume=never: {cfg.output_dir} already holds checkpoint {existing.name}; choose another output_dir (nothing is overwritten)")
+    elif c.resume != "auto" and not checkpoint.is_checkpoint(Path(c.resume)):
+        problems.append(f"checkpoint.resume={c.resume}: not auto, never, or a checkpoint directory (one with trainer_state.json)")
+
+
+def validate(cfg: RunConfig, problems: list[str] | None = None) -> None:
+    """Raise one ConfigError listing every problem of ``cfg`` (after any already in ``problems``)."""
+    problems = list(problems or [])
+    if not cfg.output_dir:
+        problems.append("output_dir: must not be empty")
+    hf_configs = _member_problems(cfg, problems)
+    _edge_problems(cfg, problems)
+    _data_problems(cfg, problems)
+    _vocab_problems(cfg, hf_configs, problems)
+    _train_problems(cfg, problems)
+    problems.extend(ds_config.template_problems(cfg.deepspeed.template))
+    _checkpoint_problems(cfg, problems)
+    if problems:
+        raise ConfigError(problems)

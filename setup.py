@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ctcd-ds",
+    version="0.1.0",
+    description="Co-training and co-distillation (CTCD) of masked language models on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ctcd_ds", "ctcd_ds.*"]),
+    package_data={"ctcd_ds": ["recipes/*.yaml", "assets/wikitext-2/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # 0.19.3 still had the multi-rank ZeRO-2 + bf16 wrong-gradient regression (deepspeed #8224, fixed Aug 2026);
+        # 0.19.8 is the release this project is tested with.
+        "deepspeed>=0.19.8",
+        "transformers>=4.57",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["ctcd-ds=ctcd_ds.cli:main"]},
+)
