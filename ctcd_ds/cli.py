@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pretrain(cfg) -> dict:
+    """Train a validated config in an initialised process group; return where its outputs went."""
+    from ctcd_ds.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.train()
+        summary["exports"] = trainer.export() if cfg.export else {}
+    finally:
+        trainer.close()
+    return summary
+
+
 def _pretrain(config: str | None, overrides: list[str]) -> int:
     from ctcd_ds import dist
     from ctcd_ds.validation import validate
@@ -51,19 +64,12 @@ def _pretrain(config: str | None, overrides: list[str]) -> int:
     problems: list[str] = []
     cfg = load_config(config or "ctcd", overrides, problems)
     validate(cfg, problems)  # everything at once, before any file is written or process group joined
-    from ctcd_ds.trainer import Trainer
-
     dist.init_distributed()
-    trainer = Trainer(cfg)
-    try:
-        summary = trainer.train()
-        exports = trainer.export() if cfg.export else {}
-    finally:
-        trainer.close()
+    summary = pretrain(cfg)
     dist.print0(f"\ndone: {cfg.train.steps} steps of {', '.join(cfg.members)}")
     dist.print0(f"  tensorboard: {summary['tensorboard']}   (tensorboard --logdir {summary['tensorboard']})")
     dist.print0(f"  checkpoint:  {summary['checkpoint']}")
-    for name, path in exports.items():
+    for name, path in summary["exports"].items():
         dist.print0(f"  export:      {path}   ({name})")
     dist.cleanup()
     return 0

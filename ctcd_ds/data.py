@@ -154,7 +154,9 @@ class SharedLoader:
             self.sampler.set_epoch(self.epoch)
             batches = _EpochBatches(self, list(self.sampler))
             remaining = range(self.index, len(batches))
-            for batch in DataLoader(batches, batch_size=None, sampler=remaining, num_workers=self.num_workers):
+            # its own generator: creating a DataLoader iterator must not draw from the global RNG (dropout)
+            loader = DataLoader(batches, batch_size=None, sampler=remaining, num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+            for batch in loader:
                 self.index += 1
                 yield batch
             self.epoch, self.index = self.epoch + 1, 0

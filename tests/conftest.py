@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny tokenizer trained once, and tiny run overrides that keep every run fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub in tests
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 1000-token SentencePiece tokenizer trained on the bundled corpus (through the real code path)."""
+    from ctcd_ds.data import BUNDLED_TRAIN
+    from ctcd_ds.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(BUNDLED_TRAIN, out, vocab_size=1000, max_sentences=2000)
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path, tokenizer_dir) -> list[str]:
+    """Overrides for a run of the default CTCD recipe that takes seconds on a CPU."""
+    return [
+        f"--output_dir={tmp_path / 'run'}",
+        f"--tokenizer.path={tokenizer_dir}",
+        "--data.seq_len=64",
+        "--data.max_train_blocks=256",
+        "--train.micro_batch_size=8",
+        "--train.steps=6",
+        "--train.log_every=1",
+        "--train.eval_every=3",
+        "--train.eval_batches=2",
+        "--checkpoint.every=3",
+        "--checkpoint.keep_last=0",
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path, member: str) -> dict[int, float]:
+    return {m["step"]: m[f"{member}/total_loss"] for m in read_metrics(run_dir) if f"{member}/total_loss" in m}
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command (a list) from the repo root and return its completed process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+PYTHON = sys.executable

@@ -1,0 +1,147 @@
+"""The config tree: loading, overrides, every shipped file, and every user mistake reported at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, run_cli
+from ctcd_ds import ds_config
+from ctcd_ds.config import ConfigError, RunConfig, field_docs, load_config, options_help, recipe_names, to_dict
+from ctcd_ds.tokenizer import load_tokenizer
+from ctcd_ds.validation import validate
+
+
+def problems_of(overrides: list[str], config: str = "ctcd") -> list[str]:
+    problems: list[str] = []
+    cfg = load_config(config, overrides, problems)
+    try:
+        validate(cfg, problems)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_every_setting_is_documented():
+    rows = options_help()
+    assert len(rows) > 40
+    assert all(doc for _, _, doc in rows), [flag for flag, _, doc in rows if not doc]
+    assert field_docs(RunConfig)["edges"].startswith("Distillation edges")
+
+
+def test_overrides_all_forms(tiny):
+    cfg = load_config("ctcd", ["--train.steps=7", "--members.teacher.lr", "0.01", "edges.1.weight=0.5", "--data.train_files=a.txt"])
+    assert cfg.train.steps == 7
+    assert cfg.members["teacher"].lr == 0.01
+    assert cfg.edges[1].weight == 0.5 and cfg.edges[0].weight == 1.0
+    assert cfg.data.train_files == ["a.txt"]
+
+
+def test_default_is_ctcd_pair_with_two_edges():
+    cfg = load_config("ctcd")
+    assert list(cfg.members) == ["teacher", "student"]
+    assert {(e.source, e.target) for e in cfg.edges} == {("student", "teacher"), ("teacher", "student")}
+    assert to_dict(load_config(None)) == to_dict(RunConfig())
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_loads_and_validates(recipe, tmp_path, tokenizer_dir):
+    # kd needs a pretrained teacher directory; everything else must validate as shipped
+    overrides = [f"--output_dir={tmp_path / 'out'}"]
+    cfg = load_config(recipe, overrides)
+    assert cfg.members and all(e.source in cfg.members and e.target in cfg.members for e in cfg.edges)
+    if recipe == "kd":
+        (problem,) = problems_of(overrides, recipe)
+        assert problem.startswith("members.teacher.model=runs/standalone-tiny/export/teacher: neither a preset")
+        teacher = _pretrained_dir(tmp_path, tokenizer_dir, vocab=1000)
+        load_tokenizer(tokenizer_dir).save_pretrained(str(teacher))  # an export carries its tokenizer
+        overrides.append(f"--members.teacher.model={teacher}")
+    assert problems_of(overrides, recipe) == []
+
+
+@pytest.mark.parametrize("template", ds_config.template_names())
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_ds_template_derives_engine_configs(template, precision):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config("ctcd", [f"--deepspeed.template={template}", "--train.micro_batch_size=4", "--train.grad_accum_steps=2"])
+    assert ds_config.template_problems(template) == []
+    for trainable in (True, False):
+        ds = ds_config.engine_config(cfg, trainable=trainable, precision=precision)
+        assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+        parsed = DeepSpeedConfig(json.loads(json.dumps(ds)))  # DeepSpeed's own parser accepts it
+        assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"]
+        assert parsed.bfloat16_config.enabled == (precision == "bf16")
+        if not trainable:
+            assert ds["zero_optimization"]["stage"] in (0, 3) and "gradient_clipping" not in ds
+            assert "offload_optimizer" not in ds["zero_optimization"]
+
+
+def test_template_may_not_own_run_values(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 5}, "train_micro_batch_size_per_gpu": 3}))
+    problems = ds_config.template_problems(str(bad))
+    assert any("train.micro_batch_size" in p for p in problems)
+    assert any("stage=5" in p for p in problems)
+
+
+def _pretrained_dir(tmp_path: Path, tokenizer_dir: Path, vocab: int, max_pos: int = 512) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    out = tmp_path / f"model_v{vocab}_p{max_pos}"
+    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_pos)).save_pretrained(out)
+    return out
+
+
+def test_each_mistake_is_named(tmp_path, tokenizer_dir, tiny):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    wrong_vocab = _pretrained_dir(tmp_path, tokenizer_dir, vocab=999)
+    short = _pretrained_dir(tmp_path, tokenizer_dir, vocab=1000, max_pos=32)
+    bad_stage = tmp_path / "stage5.json"
+    bad_stage.write_text('{"zero_optimization": {"stage": 5}}')
+    cases = {
+        "--train.stepz=3": "train.stepz: unknown setting (did you mean 'steps'?)",
+        "--data.train_files=/no/such.txt": "data.train_files: /no/such.txt: no such file",
+        f"--data.train_files={empty}": "the file has no text (empty corpus)",
+        f"--members.teacher.model={wrong_vocab}": "vocab_size=999 but the run's tokenizer",
+        f"--members.teacher.model={short}": "data.seq_len=64: exceeds members.teacher max_position_embeddings=32",
+        "--data.seq_len=1024": "data.seq_len=1024: exceeds members.teacher (tiny-teacher) max positions 512",
+        f"--deepspeed.template={bad_stage}": "zero_optimization.stage=5 is not a ZeRO stage",
+        "--edges.0.source=ghost": "edges.0.source=ghost: no member of that name",
+        "--members.student.trainable=false": "members.student.trainable=false: a frozen member needs pretrained weights",
+        "--train.precision=fp8": "train.precision=fp8: must be one of",
+        "--train.steps=many": "train.steps: expected an integer, got 'many'",
+    }
+    for override, expected in cases.items():
+        problems = problems_of([*tiny, override])
+        assert any(expected in p for p in problems), (override, problems)
+    # several mistakes at once: all of them are reported (one case per setting, else the last one wins)
+    by_setting = {override.split("=")[0]: (override, expected) for override, expected in cases.items()}
+    del by_setting["--data.seq_len"]  # it would change the max-positions message of the short model
+    all_at_once = problems_of([*tiny, *(override for override, _ in by_setting.values())])
+    assert len(by_setting) >= 8
+    for override, expected in by_setting.values():
+        assert any(expected in p for p in all_at_once), (override, all_at_once)
+
+
+def test_cli_reports_all_errors_exits_2_and_writes_nothing(tmp_path, tiny):
+    out = tmp_path / "never"
+    result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "pretrain", *tiny, f"--output_dir={out}", "--train.stepz=1", "--edges.1.target=nobody"])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr
+    assert not out.exists()
+
+
+def test_resume_never_refuses_to_overwrite(tmp_path, tiny):
+    from ctcd_ds import checkpoint
+
+    run = tmp_path / "run"
+    (checkpoint.root(run) / "step_00000003").mkdir(parents=True)
+    (checkpoint.root(run) / "step_00000003" / checkpoint.STATE_FILE).write_text("{}")
+    (checkpoint.root(run) / checkpoint.LATEST).write_text("step_00000003")
+    problems = problems_of([*tiny, "--checkpoint.resume=never"])
+    assert any("checkpoint.resume=never" in p and "nothing is overwritten" in p for p in problems), problems

@@ -1,0 +1,127 @@
+"""End-to-end co-training on tiny models through the real DeepSpeed engines (1 rank, in process)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from conftest import PYTHON, read_metrics, run_cli, train_losses
+from ctcd_ds import checkpoint, dist
+from ctcd_ds.cli import pretrain
+from ctcd_ds.config import load_config
+from ctcd_ds.validation import validate
+
+
+def run(overrides: list[str], config: str = "ctcd") -> tuple[dict, Path]:
+    cfg = load_config(config, overrides)
+    validate(cfg)
+    dist.init_distributed()
+    return pretrain(cfg), Path(cfg.output_dir)
+
+
+@pytest.fixture(scope="module")
+def ctcd_run(tmp_path_factory, tokenizer_dir):
+    """One 6-step CTCD run (ZeRO-2), checkpoints at steps 3 and 6, shared by the tests below."""
+    out = tmp_path_factory.mktemp("ctcd") / "run"
+    overrides = [
+        f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--data.seq_len=64", "--data.max_train_blocks=256",
+        "--train.micro_batch_size=8", "--train.steps=6", "--train.log_every=1", "--train.eval_every=3",
+        "--train.eval_batches=2", "--checkpoint.every=3", "--checkpoint.keep_last=0",
+    ]
+    summary, run_dir = run(overrides)
+    return summary, run_dir, overrides
+
+
+def test_run_layout_and_summary(ctcd_run):
+    summary, run_dir, _ = ctcd_run
+    ckpts = sorted(p.name for p in checkpoint.root(run_dir).glob("step_*"))
+    assert ckpts == ["step_00000003", "step_00000006"]
+    assert (checkpoint.root(run_dir) / "latest").read_text() == "step_00000006"
+    last = checkpoint.root(run_dir) / "step_00000006"
+    assert {p.name for p in last.iterdir()} >= {"teacher", "student", "rng_rank00000.pt", "trainer_state.json", "config.yaml"}
+    assert summary["checkpoint"] == str(last)
+    assert set(summary["exports"]) == {"teacher", "student"}
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_tensorboard_has_every_scalar(ctcd_run):
+    _, run_dir, _ = ctcd_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for m, other in (("teacher", "student"), ("student", "teacher")):
+        assert {f"{m}/mlm_loss", f"{m}/kd_loss_from_{other}", f"{m}/total_loss", f"{m}/lr", f"{m}/grad_norm"} <= tags
+        assert {f"eval/{m}/mlm_loss", f"eval/{m}/perplexity", f"eval/{m}/accuracy"} <= tags
+    assert {"perf/tokens_per_s", "perf/step_time_s", "edge/student->teacher/weight"} <= tags
+    assert [e.step for e in acc.Scalars("teacher/total_loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("eval/student/perplexity")] == [3, 6]
+
+
+def test_losses_are_mlm_plus_weighted_kd(ctcd_run):
+    _, run_dir, _ = ctcd_run
+    for m in read_metrics(run_dir):
+        if "teacher/total_loss" in m:
+            assert m["teacher/total_loss"] == pytest.approx(m["teacher/mlm_loss"] + m["teacher/kd_loss_from_student"], rel=1e-5)
+            assert m["student/kd_loss_from_teacher"] > 0
+
+
+def test_resume_equals_uninterrupted(ctcd_run, tmp_path):
+    """Stop after step 3 (keep only that checkpoint), resume: steps 4-6 match the uninterrupted run."""
+    _, run_dir, overrides = ctcd_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(checkpoint.root(run_dir) / "step_00000003", checkpoint.root(resumed_dir) / "step_00000003")
+    (checkpoint.root(resumed_dir) / "latest").write_text("step_00000003")
+    run([*overrides, f"--output_dir={resumed_dir}"])
+    for member in ("teacher", "student"):
+        full, resumed = train_losses(run_dir, member), train_losses(resumed_dir, member)
+        assert sorted(resumed) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (member, step, resumed[step], full[step])
+
+
+def test_export_round_trip(ctcd_run, tmp_path):
+    summary, run_dir, _ = ctcd_run
+    result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "offline")])
+    assert result.returncode == 0, result.stderr
+    for member, path in summary["exports"].items():
+        live = AutoModelForMaskedLM.from_pretrained(path)
+        offline = AutoModelForMaskedLM.from_pretrained(tmp_path / "offline" / member)
+        AutoTokenizer.from_pretrained(path)
+        for (name, a), b in zip(live.state_dict().items(), offline.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        ids = torch.tensor([[2, 10, 4, 11, 3]])
+        assert live(input_ids=ids).logits.shape == (1, 5, 1000)
+    assert live.config.num_hidden_layers == 2 and live.config.hidden_size == 128  # the tiny student
+
+
+@pytest.mark.parametrize("template", ["zero0", "zero1", "zero3"])
+def test_other_zero_stages_train_and_export(template, tmp_path, tokenizer_dir):
+    summary, run_dir = run([
+        f"--output_dir={tmp_path / template}", f"--tokenizer.path={tokenizer_dir}", "--data.seq_len=32", "--data.max_train_blocks=64",
+        "--train.micro_batch_size=4", "--train.grad_accum_steps=2", "--train.steps=2", "--train.eval_batches=1",
+        f"--deepspeed.template={template}",
+    ])
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["eval/teacher/mlm_loss"] > 0 and metrics[0]["teacher/grad_norm"] > 0
+    model = AutoModelForMaskedLM.from_pretrained(summary["exports"]["teacher"])
+    assert model.config.num_hidden_layers == 4
+
+
+def test_one_way_kd_with_a_frozen_pretrained_teacher(ctcd_run, tmp_path):
+    summary, _, _ = ctcd_run
+    teacher_dir = summary["exports"]["teacher"]
+    _, run_dir = run([
+        f"--output_dir={tmp_path / 'kd'}", f"--members.teacher.model={teacher_dir}", "--data.seq_len=64",
+        "--data.max_train_blocks=64", "--train.micro_batch_size=8", "--train.steps=2", "--train.eval_batches=1",
+    ], config="kd")
+    metrics = read_metrics(run_dir)
+    assert "student/kd_loss_from_teacher" in metrics[0] and "teacher/total_loss" not in metrics[0]
+    assert "eval/teacher/mlm_loss" in metrics[-1]  # the frozen teacher is still evaluated
+    frozen = AutoModelForMaskedLM.from_pretrained(teacher_dir).state_dict()
+    after = AutoModelForMaskedLM.from_pretrained(run_dir / "export" / "teacher").state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
