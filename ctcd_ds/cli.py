@@ -6,6 +6,7 @@ User mistakes print ``error: ...`` lines (all of them at once) and exit with sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -96,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, p in PRESETS.items():
                 print(f"{name:14s} {p.layers:2d}L-{p.hidden:<4d} {p.heads:2d} heads, ffn {p.ffn:<5d} {p.note}")
             print(f"recipes: {', '.join(recipe_names())}")
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:  # user mistakes found while loading data/models
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # user mistakes (ConfigError lists several), found before or while loading
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        if os.environ.get("RANK", "0") == "0":  # every rank finds them; one report is enough
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -115,7 +115,7 @@ class TokenizerConfig:
 class TrainConfig:
     """The training loop."""
 
-    steps: int = 300
+    steps: int = 250
     """Optimizer steps to train for (each step is `grad_accum_steps` micro-batches on every rank)."""
     micro_batch_size: int = 32
     """Blocks per micro-batch per rank; every member sees the same batch."""
@@ -129,7 +129,7 @@ class TrainConfig:
     """Implementation of the distillation loss: reference (plain torch, for debugging)."""
     log_every: int = 10
     """Write training scalars every N steps."""
-    eval_every: int = 100
+    eval_every: int = 50
     """Evaluate held-out MLM loss/perplexity every N steps (and at the end; 0 = only at the end)."""
     eval_batches: int = 20
     """Held-out micro-batches per evaluation and rank."""
@@ -284,6 +284,11 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         problems.append(f"{where}: expected a number, got {value!r}")
         return None
     if tp is str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 
@@ -26,6 +27,8 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend=None, verbose=False)
+    # DeepSpeed logs every engine's full config at INFO on every rank; keep its warnings only
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def cleanup() -> None:

@@ -20,7 +20,11 @@ class Monitor:
 
             # purge_step drops events a crashed run wrote after its last checkpoint
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step or None)
-            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            path = Path(output_dir) / "metrics.jsonl"
+            if path.exists():  # likewise drop lines past the checkpoint we resume from
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            self.jsonl = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is None:

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ctcd_ds import checkpoint, dist, ds_config, losses
-from ctcd_ds.config import RunConfig, dump_yaml
+from ctcd_ds.config import RunConfig, dump_yaml, to_dict
 from ctcd_ds.data import MaskingCollator, SharedLoader, corpus_files, eval_batches, load_blocks
 from ctcd_ds.engines import Member, build_engine
 from ctcd_ds.export import export_member
@@ -41,6 +42,18 @@ def resolve_precision(requested: str) -> str:
     if requested in ("fp16", "bf16") and on_cpu:
         raise ValueError(f"train.precision={requested}: needs a GPU; DeepSpeed runs on the CPU here (use fp32 or auto)")
     return requested
+
+
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "checkpoint.resume":
+            out.append(f"{prefix}{key}={b!r} (was {a!r})")
+    return out
 
 
 def _seed_everything(seed: int) -> None:
@@ -105,6 +118,9 @@ class Trainer:
         path = None if c.resume == "never" else (checkpoint.latest(self.out) if c.resume == "auto" else Path(c.resume))
         if path is None:
             return
+        changed = _changed_settings(yaml.safe_load((path / "config.yaml").read_text()), to_dict(self.cfg))
+        if changed:
+            dist.print0(f"warning: resuming {path} with settings that differ from its run: {', '.join(changed)}")
         state = self.checkpointer.load(path, {n: m.engine for n, m in self.trainable.items()})
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])

@@ -145,3 +145,16 @@ def test_resume_never_refuses_to_overwrite(tmp_path, tiny):
     (checkpoint.root(run) / checkpoint.LATEST).write_text("step_00000003")
     problems = problems_of([*tiny, "--checkpoint.resume=never"])
     assert any("checkpoint.resume=never" in p and "nothing is overwritten" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("preset", list(__import__("ctcd_ds.models", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_builds_its_shape(preset):
+    from ctcd_ds.models import PRESETS, build_model, model_config
+
+    p = PRESETS[preset]
+    hf = model_config(preset, vocab_size=1000, pad_token_id=0)
+    assert (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.intermediate_size) == (p.layers, p.hidden, p.heads, p.ffn)
+    assert hf.hidden_size % hf.num_attention_heads == 0
+    if p.hidden <= 256:  # instantiate the small ones; the large ones are checked by shape only
+        model = build_model(preset, 1000, 0)
+        assert model.config.vocab_size == 1000 and len(model.bert.encoder.layer) == p.layers

@@ -1,0 +1,73 @@
+"""Co-training step time vs the two members trained alone, on the same batches, in one process.
+
+    python benchmarks/step.py [--reps 20] [--section.key=value ...]
+
+Builds three runs of the same tiny pair through the real engines: CTCD (teacher <-> student), the
+teacher alone, the student alone; times one optimizer step of each, interleaved round-robin on
+identical batches, and prints medians, tokens/s and the ratio ``ctcd / (teacher + student)``
+(target <= 1.05: co-training costs no more than training both members separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ctcd_ds import dist  # noqa: E402
+from ctcd_ds.config import load_config  # noqa: E402
+from ctcd_ds.trainer import Trainer  # noqa: E402
+from ctcd_ds.validation import validate  # noqa: E402
+
+
+def build(name: str, out: Path, overrides: list[str], alone: str | None = None) -> Trainer:
+    """The default CTCD run, or (``alone``) just that member with no edges."""
+    cfg = load_config("ctcd", [*overrides, f"--output_dir={out / name}"])
+    if alone:
+        cfg.members = {alone: cfg.members[alone]}
+        cfg.edges = []
+    validate(cfg)
+    return Trainer(cfg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    args, overrides = parser.parse_known_args()
+    dist.init_distributed()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            "ctcd": build("ctcd", Path(tmp), overrides),
+            "teacher": build("teacher", Path(tmp), overrides, alone="teacher"),
+            "student": build("student", Path(tmp), overrides, alone="student"),
+        }
+        loader = iter(runs["ctcd"].loader)
+        batches = [next(loader) for _ in range(args.warmup + args.reps)]
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for i, batch in enumerate(batches):  # round-robin: every variant sees the same batch in turn
+            for name, trainer in runs.items():
+                t0 = time.perf_counter()
+                trainer.train_step(iter([batch] * trainer.cfg.train.grad_accum_steps))
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        for trainer in runs.values():
+            trainer.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = runs["ctcd"].tokens_per_step
+    ratio = med["ctcd"] / (med["teacher"] + med["student"])
+    print(f"{'variant':10s} {'step ms':>9s} {'tokens/s':>10s}")
+    for name, t in med.items():
+        print(f"{name:10s} {1000 * t:9.1f} {tokens / t:10.0f}")
+    print(f"{'t + s':10s} {1000 * (med['teacher'] + med['student']):9.1f} {tokens / (med['teacher'] + med['student']):10.0f}")
+    print(json.dumps({"ctcd_over_separate": round(ratio, 4), "ctcd_tokens_per_s": round(tokens / med["ctcd"], 1), "target": 1.05}))
+
+
+if __name__ == "__main__":
+    main()
