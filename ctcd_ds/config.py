@@ -41,6 +41,8 @@ class MemberConfig:
     """A model preset (see `ctcd-ds presets`) or a Hugging Face model directory with pretrained weights."""
     trainable: bool = True
     """Train this member. A frozen member (false) must be pretrained (`model` is a directory); it only teaches."""
+    init_from: str = ""
+    """Parameter remapping (DWT): initialise this preset member from a smaller pretrained model directory — embeddings, head and layers 1..k copied, the last layer repeated for the extra ones; hidden and FFN sizes must match. Empty: random init."""
     lr: float = 5e-4
     """Peak learning rate of this member's AdamW."""
     weight_decay: float = 0.01
@@ -64,9 +66,15 @@ class EdgeConfig:
     target: str
     """Name of the learning member; the edge's loss is added to this member's loss."""
     weight: float = 1.0
-    """Weight of `tau^2 * KL(p_source || p_target)` in the target's loss (alpha / beta in CTCD)."""
+    """Weight of `tau^2 * KL(p_source || p_target)` in the target's loss (alpha / beta in CTCD); the start weight of a schedule."""
     temperature: float = 2.0
     """Softmax temperature tau of both distributions."""
+    schedule: str = "constant"
+    """How the weight moves from `weight` to `final_weight` over `schedule_steps`: constant | linear | cosine | step (jumps at step K)."""
+    final_weight: float = 1.0
+    """The weight after `schedule_steps` steps (not used by constant)."""
+    schedule_steps: int = 0
+    """K: the steps over which the weight decays (linear, cosine) or after which it switches (step)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -4,7 +4,6 @@ one shared, resumable, distributed data loader whose batches every member sees."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import datasets

@@ -34,6 +34,17 @@ def is_pretrained_path(model: str) -> bool:
     return model not in PRESETS
 
 
+def weight_dirs(members) -> dict[str, str]:
+    """Every pretrained directory a run reads weights from: ``{flag: dir}`` over members' model and init_from."""
+    out = {}
+    for name, m in members.items():
+        if is_pretrained_path(m.model):
+            out[f"members.{name}.model"] = m.model
+        if m.init_from:
+            out[f"members.{name}.init_from"] = m.init_from
+    return out
+
+
 def model_config(model: str, vocab_size: int, pad_token_id: int) -> PretrainedConfig:
     """The transformers config of a preset (for ``vocab_size``) or of a model directory."""
     if is_pretrained_path(model):
@@ -83,6 +94,35 @@ class SparseMLM(nn.Module):
         """``predict`` is a bool [batch, seq] mask of the positions to predict -> logits [n_predict, vocab]."""
         hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mlm_head(self.mlm)(hidden[predict])
+
+
+def remap_problems(flag: str, target: PretrainedConfig, source: PretrainedConfig) -> list[str]:
+    """Why ``source`` weights cannot initialise a ``target``-shaped model by layer remapping (empty if they can)."""
+    problems = []
+    for attr in ("hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings"):
+        a, b = getattr(target, attr, None), getattr(source, attr, None)
+        if a != b:
+            problems.append(f"{flag}: the source model's {attr}={b} differs from this member's {attr}={a}; remapping copies whole layers, so they must match")
+    return problems
+
+
+def remap_init(model: PreTrainedModel, source_dir: str) -> list[int]:
+    """Initialise ``model`` from the smaller model in ``source_dir``: embeddings, MLM head and
+    encoder layers 1..k are copied, the last source layer fills every extra layer (DWT's parameter
+    remapping). Returns, for each layer of ``model``, the source layer it was copied from."""
+    source = AutoModelForMaskedLM.from_pretrained(source_dir, dtype=torch.float32)
+    problems = remap_problems(f"init_from={source_dir}", model.config, source.config)
+    if problems:
+        raise ValueError("\n".join(problems))
+    src_layers = source.base_model.encoder.layer
+    dst_layers = model.base_model.encoder.layer
+    mapping = [min(i, len(src_layers) - 1) for i in range(len(dst_layers))]
+    with torch.no_grad():
+        model.base_model.embeddings.load_state_dict(source.base_model.embeddings.state_dict())
+        for dst, src in zip(dst_layers, mapping):
+            dst.load_state_dict(src_layers[src].state_dict())
+        mlm_head(model).load_state_dict(mlm_head(source).state_dict())
+    return mapping
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -104,14 +104,14 @@ def trained_tokenizer_dir(files: list[str], vocab_size: int, max_sentences: int)
     return cached
 
 
-def pretrained_tokenizer_source(tokenizer_path: str, member_models: dict[str, str]) -> str | None:
+def pretrained_tokenizer_source(tokenizer_path: str, weight_dirs: list[str]) -> str | None:
     """The directory the run's tokenizer is loaded from, or None if one must be trained.
 
-    ``tokenizer.path`` wins; else the first pretrained member directory that holds a tokenizer.
+    ``tokenizer.path`` wins; else the first pretrained weight directory that holds a tokenizer.
     """
     if tokenizer_path:
         return tokenizer_path
-    for model in member_models.values():
+    for model in weight_dirs:
         if Path(model).is_dir() and has_tokenizer(model):
             return model
     return None

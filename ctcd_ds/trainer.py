@@ -26,7 +26,7 @@ from ctcd_ds.data import MaskingCollator, SharedLoader, corpus_files, eval_batch
 from ctcd_ds.engines import Member, build_engine
 from ctcd_ds.export import export_member
 from ctcd_ds.graph import Graph
-from ctcd_ds.models import SparseMLM, build_model, count_parameters
+from ctcd_ds.models import SparseMLM, build_model, count_parameters, remap_init, weight_dirs
 from ctcd_ds.monitor import Monitor
 from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
 
@@ -85,6 +85,9 @@ class Trainer:
         for i, (name, m) in enumerate(cfg.members.items()):
             _seed_everything(cfg.seed + 1000 * i)  # same init on every rank, different per member
             model = build_model(m.model, len(self.tokenizer), self.tokenizer.pad_token_id)
+            if m.init_from:
+                mapping = remap_init(model, m.init_from)
+                dist.print0(f"{name}: layers initialised from {m.init_from} layers {[i + 1 for i in mapping]}")
             self.members[name] = build_engine(name, SparseMLM(model), cfg, self.precision)
             dist.print0(f"{name}: {m.model}, {count_parameters(model) / 1e6:.2f}M parameters, {'trainable' if m.trainable else 'frozen'}")
         self.trainable = {n: mem for n, mem in self.members.items() if mem.trainable}
@@ -100,7 +103,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def _tokenizer(self):
         cfg = self.cfg
-        source = pretrained_tokenizer_source(cfg.tokenizer.path, {n: m.model for n, m in cfg.members.items()})
+        source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
         if source is None:
             train_files, _ = corpus_files(cfg.data)
             if not train_files:

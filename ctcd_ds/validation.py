@@ -10,7 +10,8 @@ from transformers import AutoConfig
 from ctcd_ds import checkpoint, ds_config, losses
 from ctcd_ds.config import ConfigError, RunConfig
 from ctcd_ds.data import corpus_files
-from ctcd_ds.models import PRESETS, is_pretrained_path
+from ctcd_ds.graph import SCHEDULES
+from ctcd_ds.models import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
 from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -28,22 +29,29 @@ def _text_file_problem(flag: str, path: str) -> str | None:
 
 
 def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
-    """Per-member checks; returns the transformers config of every pretrained member that loaded."""
+    """Per-member checks; returns ``{flag: transformers config}`` of every pretrained directory that loaded."""
     hf_configs: dict[str, object] = {}
     if not cfg.members:
         problems.append("members: a run needs at least one member")
+    for flag, directory in weight_dirs(cfg.members).items():
+        if not (Path(directory) / "config.json").is_file():
+            hint = f"neither a preset ({', '.join(PRESETS)}) nor" if flag.endswith(".model") else "not"
+            problems.append(f"{flag}={directory}: {hint} a model directory with config.json")
+            continue
+        try:
+            hf_configs[flag] = AutoConfig.from_pretrained(directory)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{flag}={directory}: cannot read its config: {exc}")
     for name, m in cfg.members.items():
         flag = f"members.{name}"
-        if is_pretrained_path(m.model):
-            if not (Path(m.model) / "config.json").is_file():
-                problems.append(f"{flag}.model={m.model}: neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
-            else:
-                try:
-                    hf_configs[name] = AutoConfig.from_pretrained(m.model)
-                except (OSError, ValueError) as exc:
-                    problems.append(f"{flag}.model={m.model}: cannot read its config: {exc}")
-        elif not m.trainable:
+        if not is_pretrained_path(m.model) and not m.trainable:
             problems.append(f"{flag}.trainable=false: a frozen member needs pretrained weights, but model={m.model} is a preset (give a model directory)")
+        if m.init_from and is_pretrained_path(m.model):
+            problems.append(f"{flag}.init_from={m.init_from}: remapping builds a preset from a smaller model, but model={m.model} is already pretrained")
+        elif f"{flag}.init_from" in hf_configs:
+            source = hf_configs[f"{flag}.init_from"]
+            target = model_config(m.model, vocab_size=source.vocab_size, pad_token_id=0)
+            problems.extend(remap_problems(f"{flag}.init_from={m.init_from}", target, source))
         if m.lr <= 0:
             problems.append(f"{flag}.lr={m.lr}: must be > 0")
         if m.weight_decay < 0:
@@ -75,6 +83,14 @@ def _edge_problems(cfg: RunConfig, problems: list[str]) -> None:
             problems.append(f"{flag}.weight={e.weight}: must be >= 0")
         if e.temperature <= 0:
             problems.append(f"{flag}.temperature={e.temperature}: must be > 0")
+        if e.schedule not in SCHEDULES:
+            problems.append(f"{flag}.schedule={e.schedule}: must be one of {', '.join(SCHEDULES)}")
+        elif e.schedule == "constant" and (e.schedule_steps != 0 or e.final_weight != 1.0):
+            problems.append(f"{flag}.schedule=constant: final_weight={e.final_weight} / schedule_steps={e.schedule_steps} would have no effect; choose linear, cosine or step")
+        elif e.schedule != "constant" and e.schedule_steps <= 0:
+            problems.append(f"{flag}.schedule_steps={e.schedule_steps}: schedule={e.schedule} needs a number of steps > 0")
+        if e.final_weight < 0:
+            problems.append(f"{flag}.final_weight={e.final_weight}: must be >= 0")
         if seen[(e.source, e.target)] > 1:
             problems.append(f"{flag}: the edge {e.source}->{e.target} is given {seen[(e.source, e.target)]} times")
 
@@ -107,7 +123,8 @@ def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: lis
         problems.append(f"tokenizer.vocab_size={t.vocab_size}: must be >= 64")
     if t.max_sentences <= 0:
         problems.append(f"tokenizer.max_sentences={t.max_sentences}: must be > 0")
-    source = pretrained_tokenizer_source(t.path, {n: m.model for n, m in cfg.members.items()})
+    dirs = weight_dirs(cfg.members)
+    source = pretrained_tokenizer_source(t.path, list(dirs.values()))
     vocab = None
     if source:
         try:
@@ -115,16 +132,14 @@ def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: lis
         except (OSError, ValueError) as exc:
             problems.append(f"tokenizer: cannot load the tokenizer in {source}: {exc}")
     elif hf_configs:
-        names = ", ".join(hf_configs)
-        problems.append(f"tokenizer.path: empty, and the pretrained member(s) {names} carry no tokenizer; give the tokenizer they were trained with")
-    for name, hf in hf_configs.items():
+        problems.append(f"tokenizer.path: empty, and the pretrained {', '.join(hf_configs)} carry no tokenizer; give the tokenizer they were trained with")
+    for flag, hf in hf_configs.items():
         member_vocab = getattr(hf, "vocab_size", None)
         if vocab is not None and member_vocab != vocab:
-            problems.append(f"members.{name}.model={cfg.members[name].model}: vocab_size={member_vocab} but the run's tokenizer ({source}) has {vocab} tokens; all members must share one vocabulary")
-    for name, hf in hf_configs.items():
+            problems.append(f"{flag}={dirs[flag]}: vocab_size={member_vocab} but the run's tokenizer ({source}) has {vocab} tokens; all members must share one vocabulary")
         max_pos = getattr(hf, "max_position_embeddings", None)
-        if max_pos is not None and cfg.data.seq_len > max_pos:
-            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} max_position_embeddings={max_pos}")
+        if flag.endswith(".model") and max_pos is not None and cfg.data.seq_len > max_pos:
+            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds {flag[: -len('.model')]} max_position_embeddings={max_pos}")
     for name, m in cfg.members.items():
         if m.model in PRESETS and cfg.data.seq_len > PRESETS[m.model].max_positions:
             problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} ({m.model}) max positions {PRESETS[m.model].max_positions}")

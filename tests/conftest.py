@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def train_losses(run_dir: Path, member: str) -> dict[int, float]:
     return {m["step"]: m[f"{member}/total_loss"] for m in read_metrics(run_dir) if f"{member}/total_loss" in m}
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command (a list) from the repo root and return its completed process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -61,3 +68,16 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: P
 
 
 PYTHON = sys.executable
+
+
+def run(overrides: list[str], config: str = "ctcd") -> tuple[dict, Path]:
+    """Validate and train a config in this process (a 1-rank world), through the real engines."""
+    from ctcd_ds import dist
+    from ctcd_ds.cli import pretrain
+    from ctcd_ds.config import load_config
+    from ctcd_ds.validation import validate
+
+    cfg = load_config(config, overrides)
+    validate(cfg)
+    dist.init_distributed()
+    return pretrain(cfg), Path(cfg.output_dir)

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import shlex
-import socket
 
-from conftest import PYTHON, REPO, read_metrics, run_cli
+from conftest import PYTHON, free_port, read_metrics, run_cli
 
 LAUNCHER = "launchers/pretrain.sh"
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def dry_run(*args: str, **env: str) -> list[str]:

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import PYTHON, read_metrics, run_cli, train_losses
-from ctcd_ds import checkpoint, dist
-from ctcd_ds.cli import pretrain
-from ctcd_ds.config import load_config
-from ctcd_ds.validation import validate
-
-
-def run(overrides: list[str], config: str = "ctcd") -> tuple[dict, Path]:
-    cfg = load_config(config, overrides)
-    validate(cfg)
-    dist.init_distributed()
-    return pretrain(cfg), Path(cfg.output_dir)
+from conftest import PYTHON, read_metrics, run, run_cli, train_losses
+from ctcd_ds import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""Distillation schedules as recipes: edge weight schedules, DWT (with remapping) and Community KD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from conftest import free_port, read_metrics, run, run_cli
+from ctcd_ds.graph import scheduled_weight
+from ctcd_ds.models import build_model, remap_init
+from ctcd_ds.tokenizer import load_tokenizer
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("constant", [4.0, 4.0, 4.0, 4.0, 4.0, 4.0]),
+        ("linear", [4.0, 3.25, 2.5, 1.75, 1.0, 1.0]),
+        ("cosine", [4.0, 4 - 3 * (1 - 2**-0.5) / 2, 2.5, 1 + 3 * (1 - 2**-0.5) / 2, 1.0, 1.0]),
+        ("step", [4.0, 4.0, 4.0, 4.0, 1.0, 1.0]),
+    ],
+)
+def test_weight_schedules(schedule, expected):
+    got = [scheduled_weight(schedule, 4.0, 1.0, 4, step) for step in range(6)]
+    assert got == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def weak_teacher(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 'pretrained' 2L-256 model (random weights) with the run's tokenizer: weaker than tiny-teacher 4L-256."""
+    out = tmp_path_factory.mktemp("weak") / "model"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)).save_pretrained(out)
+    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
+    return out
+
+
+def test_remapping_copies_layers_and_repeats_the_last(weak_teacher):
+    student = build_model("tiny-teacher", 1000, 0)
+    mapping = remap_init(student, str(weak_teacher))
+    assert mapping == [0, 1, 1, 1]
+    source = BertForMaskedLM.from_pretrained(weak_teacher)
+    for dst, src in enumerate(mapping):
+        for (name, a), b in zip(student.bert.encoder.layer[dst].state_dict().items(), source.bert.encoder.layer[src].state_dict().values()):
+            assert torch.equal(a, b), (dst, name)
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.cls.predictions.transform.dense.weight, source.cls.predictions.transform.dense.weight)
+
+
+def test_remapping_needs_equal_widths(weak_teacher):
+    with pytest.raises(ValueError, match="hidden_size=256 differs from this member's hidden_size=128"):
+        remap_init(build_model("tiny-student", 1000, 0), str(weak_teacher))
+
+
+def _tiny(out: Path) -> list[str]:
+    return [f"--output_dir={out}", "--data.seq_len=64", "--data.max_train_blocks=128", "--train.micro_batch_size=8",
+            "--train.steps=6", "--train.log_every=1", "--train.eval_batches=1", "--checkpoint.every=0"]
+
+
+def test_dwt_recipe_follows_its_weight_schedule_and_remaps(weak_teacher, tmp_path):
+    _, run_dir = run([*_tiny(tmp_path / "dwt"), f"--members.weak_teacher.model={weak_teacher}", f"--members.student.init_from={weak_teacher}",
+                      "--edges.0.schedule_steps=4"], config="dwt")
+    train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
+    assert [m["edge/weak_teacher->student/weight"] for m in train] == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0, 1.0])
+    for m in train:  # the logged weight is the one applied
+        w = m["edge/weak_teacher->student/weight"]
+        assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + w * m["student/kd_loss_from_weak_teacher"], rel=1e-5)
+    assert "weak_teacher/total_loss" not in train[0]
+
+
+def test_community_kd_one_rank(weak_teacher, tmp_path):
+    _, run_dir = run([*_tiny(tmp_path / "ckd"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"], config="community_kd")
+    first = read_metrics(run_dir)[0]
+    for me, peer in (("student_a", "student_b"), ("student_b", "student_a")):
+        assert first[f"{me}/kd_loss_from_teacher"] > 0 and first[f"{me}/kd_loss_from_{peer}"] > 0
+        assert first[f"{me}/total_loss"] == pytest.approx(first[f"{me}/mlm_loss"] + first[f"{me}/kd_loss_from_teacher"] + first[f"{me}/kd_loss_from_{peer}"], rel=1e-5)
+    assert first["student_a/mlm_loss"] != first["student_b/mlm_loss"]  # two differently initialised students
+
+
+@pytest.mark.parametrize("recipe,member_flag", [("dwt", "weak_teacher"), ("community_kd", "teacher")])
+def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
+    out = tmp_path / recipe
+    result = run_cli(["bash", "launchers/pretrain.sh", "NUM_GPUS=2", f"MASTER_PORT={free_port()}", f"CONFIG={recipe}",
+                      *_tiny(out), "--train.steps=3", f"--members.{member_flag}.model={weak_teacher}"], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if any(k.endswith("/total_loss") for k in m)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("rng_rank*")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
