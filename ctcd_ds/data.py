@@ -4,7 +4,7 @@ one shared, resumable, distributed data loader whose batches every member sees."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import datasets
 import torch
@@ -86,8 +86,8 @@ class MaskingCollator:
     tokenizer: PreTrainedTokenizerBase
     probability: float
 
-    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        input_ids = input_ids.clone()
+    def __call__(self, rows: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids = rows["input_ids"].clone()
         special = torch.zeros_like(input_ids, dtype=torch.bool)
         for tid in self.tokenizer.all_special_ids:
             special |= input_ids == tid
@@ -118,16 +118,19 @@ class _EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         bs = self.loader.batch_size
-        ids = self.loader.dataset[self.order[i * bs : (i + 1) * bs]]["input_ids"]
+        rows = self.loader.dataset[self.order[i * bs : (i + 1) * bs]]
         gen = torch.Generator().manual_seed(_batch_seed(self.loader.seed, self.epoch, i, dist.rank()))
-        return self.loader.collator(ids, gen)
+        return self.loader.collator(rows, gen)
 
 
 class SharedLoader:
     """The one loader of a run: a distributed sampler over data-parallel ranks, endless over epochs,
-    with a ``state_dict`` (epoch, batches consumed) that resumes at the exact next batch."""
+    with a ``state_dict`` (epoch, batches consumed) that resumes at the exact next batch.
 
-    def __init__(self, dataset: datasets.Dataset, collator: MaskingCollator, batch_size: int, seed: int, *, shuffle: bool = True, num_workers: int = 0):
+    ``collator(rows, generator)`` turns the dataset rows of one batch into tensors; it gets a generator
+    seeded by (seed, epoch, batch, rank) for any randomness (masking)."""
+
+    def __init__(self, dataset: datasets.Dataset, collator: Callable, batch_size: int, seed: int, *, shuffle: bool = True, num_workers: int = 0):
         self.dataset, self.collator, self.batch_size, self.seed = dataset, collator, batch_size, seed
         self.shuffle, self.num_workers = shuffle, num_workers
         self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle, seed=seed, drop_last=True)
@@ -163,7 +166,7 @@ class SharedLoader:
                 return
 
 
-def eval_batches(dataset: datasets.Dataset, collator: MaskingCollator, batch_size: int, limit: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def eval_batches(dataset: datasets.Dataset, collator: Callable, batch_size: int, limit: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """The fixed held-out batches of this rank (same masks at every evaluation)."""
     per_rank = max(1, len(dataset) // dist.world_size())
     loader = SharedLoader(dataset, collator, min(batch_size, per_rank), seed + 1, shuffle=False)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctcd_ds.config import PACKAGE_DIR, RunConfig
+from ctcd_ds.config import PACKAGE_DIR
 
 DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
 
@@ -64,29 +64,31 @@ def load_template(name_or_path: str) -> dict[str, Any]:
     return json.loads(template_path(name_or_path).read_text())
 
 
-def zero_stage(cfg: RunConfig) -> int:
-    return int(load_template(cfg.deepspeed.template).get("zero_optimization", {}).get("stage", 0))
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def offloads_optimizer(cfg: RunConfig) -> bool:
-    return load_template(cfg.deepspeed.template).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
 
 
-def engine_config(cfg: RunConfig, *, trainable: bool, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config of one member's engine.
+def engine_config(
+    template: str, *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float, trainable: bool, precision: str
+) -> dict[str, Any]:
+    """The DeepSpeed config of one member's engine: the template plus the run's own values.
 
     Frozen members get no optimizer: ZeRO-3 (parameters partitioned) when the run uses ZeRO-3,
     otherwise stage 0 (ZeRO stages 1-2 only shard optimizer state and gradients, which they lack).
     """
-    ds = copy.deepcopy(load_template(cfg.deepspeed.template))
+    ds = copy.deepcopy(load_template(template))
     ds.update(
-        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=grad_accum_steps,
         steps_per_print=10**9,
         wall_clock_breakdown=False,
     )
     if trainable:
-        ds["gradient_clipping"] = cfg.train.grad_clip
+        ds["gradient_clipping"] = grad_clip
     else:
         zero = ds.get("zero_optimization", {})
         if zero.get("stage", 0) == 3:

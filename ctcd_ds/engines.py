@@ -10,8 +10,7 @@ import deepspeed
 import torch
 
 from ctcd_ds import ds_config
-from ctcd_ds.config import MemberConfig, RunConfig
-from ctcd_ds.models import SparseMLM
+from ctcd_ds.config import MemberConfig
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -59,17 +58,16 @@ class Member:
         return self.cfg.trainable
 
 
-def build_engine(name: str, model: SparseMLM, cfg: RunConfig, precision: str) -> Member:
-    m = cfg.members[name]
-    ds = ds_config.engine_config(cfg, trainable=m.trainable, precision=precision)
+def build_engine(name: str, model: torch.nn.Module, m: MemberConfig, ds: dict[str, Any], total_steps: int) -> Member:
+    """``deepspeed.initialize`` one member with its DeepSpeed config ``ds`` (see ``ds_config.engine_config``)."""
     if not m.trainable:
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         engine.eval()
         return Member(name, m, engine)
-    optimizer = _optimizer(model, m, offload=ds_config.offloads_optimizer(cfg))
-    warmup = int(m.warmup_ratio * cfg.train.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(m.lr_schedule, warmup, cfg.train.steps))
+    optimizer = _optimizer(model, m, offload=ds_config.offloads_optimizer(ds))
+    warmup = int(m.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(m.lr_schedule, warmup, total_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     engine.train()
     return Member(name, m, engine)

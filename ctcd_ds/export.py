@@ -19,7 +19,7 @@ from ctcd_ds.config import ConfigError, from_dict
 from ctcd_ds.models import build_model, count_parameters, save_hf
 from ctcd_ds.tokenizer import load_tokenizer
 
-PREFIX = "mlm."  # SparseMLM holds the HF model as ``.mlm``
+PREFIX = "hf."  # every engine's module holds its Hugging Face model as ``.hf``
 
 
 def _hf_state(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,7 +36,7 @@ def export_member(engine: Any, tokenizer, out_dir: Path) -> None:
     with gather:
         if dist.is_rank0():
             state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-            _write(engine.module.mlm, _hf_state(state), tokenizer, out_dir)
+            _write(engine.module.hf, _hf_state(state), tokenizer, out_dir)
     dist.barrier()
 
 

@@ -87,13 +87,13 @@ class SparseMLM(nn.Module):
 
     def __init__(self, mlm: PreTrainedModel):
         super().__init__()
-        self.mlm = mlm
+        self.hf = mlm
         mlm_head(mlm)  # fail early on a model without an MLM head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
         """``predict`` is a bool [batch, seq] mask of the positions to predict -> logits [n_predict, vocab]."""
-        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mlm_head(self.mlm)(hidden[predict])
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mlm_head(self.hf)(hidden[predict])
 
 
 def remap_problems(flag: str, target: PretrainedConfig, source: PretrainedConfig) -> list[str]:

@@ -88,10 +88,18 @@ class Trainer:
             if m.init_from:
                 mapping = remap_init(model, m.init_from)
                 dist.print0(f"{name}: layers initialised from {m.init_from} layers {[i + 1 for i in mapping]}")
-            self.members[name] = build_engine(name, SparseMLM(model), cfg, self.precision)
+            ds = ds_config.engine_config(
+                cfg.deepspeed.template,
+                micro_batch_size=cfg.train.micro_batch_size,
+                grad_accum_steps=cfg.train.grad_accum_steps,
+                grad_clip=cfg.train.grad_clip,
+                trainable=m.trainable,
+                precision=self.precision,
+            )
+            self.members[name] = build_engine(name, SparseMLM(model), m, ds, cfg.train.steps)
             dist.print0(f"{name}: {m.model}, {count_parameters(model) / 1e6:.2f}M parameters, {'trainable' if m.trainable else 'frozen'}")
         self.trainable = {n: mem for n, mem in self.members.items() if mem.trainable}
-        self.zero_stage = ds_config.zero_stage(cfg)
+        self.zero_stage = ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template))
         self.checkpointer = checkpoint.Checkpointer(self.out, cfg.checkpoint.every, cfg.checkpoint.keep_last)
         self.step = 0
         self._resume()

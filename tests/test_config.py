@@ -68,10 +68,12 @@ def test_every_recipe_loads_and_validates(recipe, tmp_path, tokenizer_dir, monke
 def test_every_ds_template_derives_engine_configs(template, precision):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    cfg = load_config("ctcd", [f"--deepspeed.template={template}", "--train.micro_batch_size=4", "--train.grad_accum_steps=2"])
+    cfg = load_config("ctcd", [f"--deepspeed.template={template}"])
     assert ds_config.template_problems(template) == []
     for trainable in (True, False):
-        ds = ds_config.engine_config(cfg, trainable=trainable, precision=precision)
+        ds = ds_config.engine_config(
+            cfg.deepspeed.template, micro_batch_size=4, grad_accum_steps=2, grad_clip=1.0, trainable=trainable, precision=precision
+        )
         assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
         parsed = DeepSpeedConfig(json.loads(json.dumps(ds)))  # DeepSpeed's own parser accepts it
         assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"]

@@ -42,7 +42,7 @@ def test_masking_is_80_10_10_and_never_touches_special_tokens(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     ids = torch.randint(5, len(tok), (64, 128))
     ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
-    batch = MaskingCollator(tok, 0.15)(ids, torch.Generator().manual_seed(0))
+    batch = MaskingCollator(tok, 0.15)({"input_ids": ids}, torch.Generator().manual_seed(0))
     chosen = batch["labels"] != -100
     assert abs(chosen.float().mean().item() - 0.15 * 126 / 128) < 0.01
     assert not chosen[:, 0].any() and not chosen[:, -1].any()
@@ -53,7 +53,7 @@ def test_masking_is_80_10_10_and_never_touches_special_tokens(tokenizer_dir):
     assert abs(masked.sum().item() / n - 0.8) < 0.03
     assert abs(kept.sum().item() / n - 0.1) < 0.03  # (a random token equal to the original counts as kept)
     assert torch.equal(batch["input_ids"][~chosen], ids[~chosen])
-    again = MaskingCollator(tok, 0.15)(ids, torch.Generator().manual_seed(0))
+    again = MaskingCollator(tok, 0.15)({"input_ids": ids}, torch.Generator().manual_seed(0))
     assert torch.equal(again["input_ids"], batch["input_ids"])
 
 
