@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ctcd_ds", "ctcd_ds.*"]),
-    package_data={"ctcd_ds": ["recipes/*.yaml", "assets/wikitext-2/*"]},
+    package_data={"ctcd_ds": ["recipes/*.yaml", "assets/wikitext-2/*", "assets/sst2/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -10,14 +10,14 @@ import os
 import sys
 import textwrap
 
-from ctcd_ds.config import ConfigError, dump_yaml, load_config, options_help, recipe_names
+from ctcd_ds.config import ConfigError, FinetuneConfig, dump_yaml, load_config, options_help, recipe_names
 
 EXIT_USAGE = 2
 
 
-def _options_epilog() -> str:
+def _options_epilog(root: type | None = None) -> str:
     lines = ["settings (override any with --section.key=VALUE; values are parsed as YAML):"]
-    for flag, default, doc in options_help():
+    for flag, default, doc in options_help(root):
         lines.append(f"  --{flag} (default {default})")
         lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
@@ -38,6 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     show = sub.add_parser("show-config", help="print the resolved config of a recipe and overrides, then exit", formatter_class=fmt, epilog=_options_epilog())
     show.add_argument("--config", default=None)
+    fin = sub.add_parser(
+        "finetune",
+        help="fine-tune exported members on a classification/regression task (optionally co-distilling)",
+        formatter_class=fmt,
+        epilog=_options_epilog(FinetuneConfig),
+        description="Fine-tune members through DeepSpeed engines; ends with dev metrics in <output_dir>/results.json.",
+    )
+    fin.add_argument("--config", default=None, help="a YAML/JSON file of fine-tuning settings (optional)")
+    fin.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    ev = sub.add_parser(
+        "evaluate",
+        help="print the dev metrics of a fine-tuned model and write them to JSON",
+        formatter_class=fmt,
+        epilog="task settings: the --task.* options of `ctcd-ds finetune --help` (default: the bundled SST-2 dev split)",
+    )
+    ev.add_argument("--model", required=True, help="a fine-tuned model directory (e.g. runs/finetune/export/model)")
+    ev.add_argument("--out", default=None, help="JSON file for the results (default: <model>/eval_results.json)")
     exp = sub.add_parser("export", help="export every member of a checkpoint as a Hugging Face directory")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint dir (checkpoints/step_N) or a run dir (its latest checkpoint)")
     exp.add_argument("--out", required=True, help="output directory; one sub-directory per member")
@@ -76,12 +93,59 @@ def _pretrain(config: str | None, overrides: list[str]) -> int:
     return 0
 
 
+def _finetune(config: str | None, overrides: list[str]) -> int:
+    from ctcd_ds import dist
+    from ctcd_ds.finetune import FinetuneTrainer
+    from ctcd_ds.validation import validate_finetune
+
+    problems: list[str] = []
+    cfg = load_config(config, overrides, problems, root=FinetuneConfig)
+    validate_finetune(cfg, problems)
+    dist.init_distributed()
+    trainer = FinetuneTrainer(cfg)
+    try:
+        summary = trainer.train()
+        results = trainer.write_results()
+        exports = trainer.export() if cfg.export else {}
+    finally:
+        trainer.close()
+    for name, splits in trainer.results.items():
+        for split, metrics in splits.items():
+            dist.print0(f"{name} {split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    dist.print0(f"  results:     {results}")
+    dist.print0(f"  tensorboard: {summary['tensorboard']}")
+    for name, path in exports.items():
+        dist.print0(f"  export:      {path}   ({name})")
+    dist.cleanup()
+    return 0
+
+
+def _evaluate(model: str, out: str | None, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from ctcd_ds.finetune import evaluate_model
+
+    task_overrides = [o for o in overrides if o.lstrip("-").startswith("task.")]
+    if len(task_overrides) != len(overrides):
+        raise ConfigError([f"{o}: evaluate takes only --task.* settings" for o in overrides if o not in task_overrides])
+    task = load_config(None, task_overrides, root=FinetuneConfig).task
+    out_path = Path(out) if out else Path(model) / "eval_results.json"
+    for split, metrics in evaluate_model(model, task, out_path).items():
+        print(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"results: {out_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "pretrain":
             return _pretrain(args.config, rest)
+        if args.command == "finetune":
+            return _finetune(args.config, rest)
+        if args.command == "evaluate":
+            return _evaluate(args.model, args.out, rest)
         if args.command == "show-config":
             print(dump_yaml(load_config(args.config or "ctcd", rest)), end="")
             return 0

@@ -224,7 +224,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def options_help() -> list[tuple[str, str, str]]:
+def options_help(root: type | None = None) -> list[tuple[str, str, str]]:
     """(flag, default, doc) for every setting, in tree order; member settings under `members.NAME.`."""
     rows: list[tuple[str, str, str]] = []
 
@@ -243,7 +243,8 @@ def options_help() -> list[tuple[str, str, str]]:
             else:
                 rows.append((f"{prefix}{f.name}", json.dumps(value), docs.get(f.name, "")))
 
-    walk(RunConfig, "", RunConfig())
+    root = root or RunConfig
+    walk(root, "", root())
     return rows
 
 
@@ -344,15 +345,15 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def from_dict(data: dict[str, Any], problems: list[str] | None = None) -> RunConfig:
-    """Build a RunConfig from nested data.
+def from_dict(data: dict[str, Any], problems: list[str] | None = None, root: type | None = None) -> Any:
+    """Build a RunConfig (or another ``root`` config class) from nested data.
 
     Unknown keys and wrong types raise one ConfigError; if a ``problems`` list is given they are
     appended to it instead and the offending values keep their defaults, so that validation can
     report them together with everything else.
     """
     collect: list[str] = [] if problems is None else problems
-    cfg = _build(RunConfig, data, "", collect)
+    cfg = _build(root or RunConfig, data, "", collect)
     if problems is None and collect:
         raise ConfigError(collect)
     return cfg
@@ -448,10 +449,13 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         node[last] = value
 
 
-def load_config(config: str | None = None, overrides: list[str] | None = None, problems: list[str] | None = None) -> RunConfig:
+def load_config(
+    config: str | None = None, overrides: list[str] | None = None, problems: list[str] | None = None, root: type | None = None
+) -> Any:
     """Defaults <- recipe file <- overrides, then build (types checked, unknown keys rejected;
     see :func:`from_dict` for ``problems``)."""
-    data: dict[str, Any] = to_dict(RunConfig())
+    root = root or RunConfig
+    data: dict[str, Any] = to_dict(root())
     if config:
         recipe = load_file(resolve_recipe(config))
         # members and edges in a recipe replace the defaults; other sections merge key by key.
@@ -462,8 +466,88 @@ def load_config(config: str | None = None, overrides: list[str] | None = None, p
                 data[key] = value
     for key, value in parse_overrides(overrides or []):
         apply_override(data, key, value)
-    return from_dict(data, problems)
+    return from_dict(data, problems, root)
 
 
-def dump_yaml(cfg: RunConfig) -> str:
+def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning (ctcd-ds finetune / evaluate)
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    """A sequence classification or regression task: a GLUE task from the hub, or local files."""
+
+    glue: str = ""
+    """A GLUE task loaded with `datasets` (needs the hub): cola sst2 mrpc qqp stsb mnli qnli rte wnli. Empty: local files."""
+    train_file: str = ""
+    """Local training file (.tsv, .csv or .jsonl). Empty (and no `glue`): the SST-2 train split bundled in the package."""
+    dev_file: str = ""
+    """Local dev file, same format. Empty (and no `glue`): the bundled SST-2 dev split."""
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    """One column (single sentence) or two (sentence pairs) holding the text. Ignored for GLUE tasks (their own columns)."""
+    label_column: str = "label"
+    """Column holding the label. Ignored for GLUE tasks."""
+    header: bool = True
+    """Local TSV/CSV files start with a header row; if false, columns are named by 0-based index ("0", "1", ...)."""
+    kind: str = "auto"
+    """classification | regression | auto (regression for stsb, else classification)."""
+    max_train_examples: int = 0
+    """Use only the first N training examples (0 = all)."""
+    max_dev_examples: int = 0
+    """Evaluate on only the first N dev examples (0 = all)."""
+    seq_len: int = 128
+    """Truncate each example (pair) to this many tokens."""
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneTrainConfig:
+    """The fine-tuning loop."""
+
+    steps: int = 500
+    """Optimizer steps."""
+    micro_batch_size: int = 32
+    """Examples per micro-batch per rank; co-distilled members see the same batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float = 1.0
+    """Clip each member's global gradient norm to this value (0 = off)."""
+    precision: str = "auto"
+    """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, else fp32)."""
+    kd_loss: str = "reference"
+    """Implementation of the distillation loss on class logits: reference."""
+    log_every: int = 10
+    """Write training scalars every N steps."""
+    eval_every: int = 0
+    """Evaluate on the dev set every N steps (and at the end; 0 = only at the end)."""
+
+
+def _finetune_members() -> dict[str, MemberConfig]:
+    return {"model": MemberConfig(model="runs/ctcd-tiny/export/student", lr=1e-4, warmup_ratio=0.1)}
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneConfig:
+    """Fine-tune pretrained members on a task, alone or co-distilling through edges on class logits."""
+
+    output_dir: str = "runs/finetune"
+    """Everything of the run goes here: tensorboard/, checkpoints/, export/, results.json, metrics.jsonl."""
+    seed: int = 42
+    """Seed of the head init, data order and dropout."""
+    members: dict[str, MemberConfig] = field(default_factory=_finetune_members)
+    """The models to fine-tune, by name: `model` is an exported directory or a member's folder inside a checkpoint (checkpoints/step_N/NAME)."""
+    edges: list[EdgeConfig] = field(default_factory=list)
+    """Co-distillation edges between members, on the class logits (classification only)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The task and its data."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """The training loop."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep_last=1))
+    """Checkpointing."""
+    export: bool = True
+    """Export every fine-tuned member as a Hugging Face directory at the end."""

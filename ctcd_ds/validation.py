@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from ctcd_ds import checkpoint, ds_config, losses
-from ctcd_ds.config import ConfigError, RunConfig
+from ctcd_ds.config import ConfigError, FinetuneConfig, RunConfig
 from ctcd_ds.data import corpus_files
 from ctcd_ds.graph import SCHEDULES
 from ctcd_ds.models import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
@@ -145,10 +145,10 @@ def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: lis
             problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} ({m.model}) max positions {PRESETS[m.model].max_positions}")
 
 
-def _train_problems(cfg: RunConfig, problems: list[str]) -> None:
+def _train_problems(cfg: RunConfig | FinetuneConfig, problems: list[str]) -> None:
     tr = cfg.train
     for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
-        if getattr(tr, key) <= 0:
+        if hasattr(tr, key) and getattr(tr, key) <= 0:
             problems.append(f"train.{key}={getattr(tr, key)}: must be > 0")
     if tr.eval_every < 0:
         problems.append(f"train.eval_every={tr.eval_every}: must be >= 0")
@@ -183,6 +183,66 @@ def validate(cfg: RunConfig, problems: list[str] | None = None) -> None:
     _edge_problems(cfg, problems)
     _data_problems(cfg, problems)
     _vocab_problems(cfg, hf_configs, problems)
+    _train_problems(cfg, problems)
+    problems.extend(ds_config.template_problems(cfg.deepspeed.template))
+    _checkpoint_problems(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_finetune(cfg: FinetuneConfig, problems: list[str] | None = None) -> None:
+    """Raise one ConfigError listing every problem of a fine-tuning config, data files included."""
+    from ctcd_ds.finetune import is_checkpoint_member, load_splits
+    from ctcd_ds.tasks import GLUE, task_kind
+
+    problems = list(problems or [])
+    if not cfg.members:
+        problems.append("members: give at least one model to fine-tune")
+    vocab: dict[str, int] = {}
+    for name, m in cfg.members.items():
+        flag = f"members.{name}"
+        if m.init_from:
+            problems.append(f"{flag}.init_from={m.init_from}: remapping is for pre-training; fine-tuning starts from members.{name}.model")
+        if is_checkpoint_member(m.model):
+            if not Path(m.model).is_dir():
+                problems.append(f"{flag}.model={m.model}: the checkpoint has no member '{Path(m.model).name}'")
+            continue
+        if not (Path(m.model) / "config.json").is_file():
+            problems.append(f"{flag}.model={m.model}: not a model directory (an export/NAME dir) nor a checkpoint member (checkpoints/step_N/NAME)")
+            continue
+        hf = AutoConfig.from_pretrained(m.model)
+        vocab[name] = hf.vocab_size
+        if not m.trainable and not any(a.endswith("ForSequenceClassification") for a in (hf.architectures or [])):
+            problems.append(f"{flag}.trainable=false: a frozen member must already be fine-tuned for the task (a sequence classifier); {m.model} is not")
+        if not has_tokenizer(m.model):
+            problems.append(f"{flag}.model={m.model}: no tokenizer in that directory")
+    if len(set(vocab.values())) > 1:
+        problems.append(f"members: vocabularies differ ({', '.join(f'{n}={v}' for n, v in vocab.items())}); co-distilled members must share one tokenizer")
+    _edge_problems(cfg, problems)
+    t = cfg.task
+    if t.glue and t.glue not in GLUE:
+        problems.append(f"task.glue={t.glue}: not a GLUE task ({', '.join(GLUE)})")
+    if t.glue and (t.train_file or t.dev_file):
+        problems.append(f"task.glue={t.glue}: give either a GLUE task or local files (task.train_file/dev_file), not both")
+    if t.kind not in ("auto", "classification", "regression"):
+        problems.append(f"task.kind={t.kind}: must be auto, classification or regression")
+    elif t.glue in GLUE or not t.glue:
+        if cfg.edges and task_kind(t) == "regression":
+            problems.append("edges: co-distillation on class logits needs a classification task (task.kind=regression)")
+    if len(t.text_columns) not in (1, 2):
+        problems.append(f"task.text_columns={t.text_columns}: give one column (single sentences) or two (pairs)")
+    if bool(t.train_file) != bool(t.dev_file):
+        problems.append("task.train_file / task.dev_file: give both local files, or neither (for the bundled SST-2)")
+    if t.seq_len < 8:
+        problems.append(f"task.seq_len={t.seq_len}: must be >= 8")
+    for key in ("max_train_examples", "max_dev_examples"):
+        if getattr(t, key) < 0:
+            problems.append(f"task.{key}={getattr(t, key)}: must be >= 0")
+    if not problems and not t.glue:  # read the files now: column, label and format problems name file and line
+        try:
+            load_splits(t)
+        except ValueError as exc:
+            problems.append(str(exc))
     _train_problems(cfg, problems)
     problems.extend(ds_config.template_problems(cfg.deepspeed.template))
     _checkpoint_problems(cfg, problems)
