@@ -22,6 +22,9 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6.0",
         "numpy",
+        "scikit-learn>=1.3",  # GLUE metrics
+        "scipy>=1.10",
+        "matplotlib>=3.7",  # experiment plots
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={"console_scripts": ["ctcd-ds=ctcd_ds.cli:main"]},
