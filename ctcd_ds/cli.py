@@ -10,7 +10,7 @@ import os
 import sys
 import textwrap
 
-from ctcd_ds.config import ConfigError, FinetuneConfig, dump_yaml, load_config, options_help, recipe_names
+from ctcd_ds.config import ConfigError, ExperimentConfig, FinetuneConfig, dump_yaml, load_config, options_help, recipe_names
 
 EXIT_USAGE = 2
 
@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     fin.add_argument("--config", default=None, help="a YAML/JSON file of fine-tuning settings (optional)")
     fin.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    xp = sub.add_parser(
+        "experiment",
+        help="reproduce the CTCD findings: pre-train 4 variants, fine-tune every model over seeds, table + plot",
+        formatter_class=fmt,
+        epilog=_options_epilog(ExperimentConfig),
+        description="Standalone, one-way KD, CTCD and Community KD on the same data, steps, batch and seeds.",
+    )
+    xp.add_argument("--config", default=None, help="a YAML/JSON file of experiment settings (optional)")
+    xp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ev = sub.add_parser(
         "evaluate",
         help="print the dev metrics of a fine-tuned model and write them to JSON",
@@ -95,27 +104,52 @@ def _pretrain(config: str | None, overrides: list[str]) -> int:
 
 def _finetune(config: str | None, overrides: list[str]) -> int:
     from ctcd_ds import dist
-    from ctcd_ds.finetune import FinetuneTrainer
     from ctcd_ds.validation import validate_finetune
 
     problems: list[str] = []
     cfg = load_config(config, overrides, problems, root=FinetuneConfig)
     validate_finetune(cfg, problems)
     dist.init_distributed()
+    summary = finetune(cfg)
+    dist.print0(f"  results:     {summary['results']}")
+    dist.print0(f"  tensorboard: {summary['tensorboard']}")
+    for name, path in summary["exports"].items():
+        dist.print0(f"  export:      {path}   ({name})")
+    dist.cleanup()
+    return 0
+
+
+def finetune(cfg) -> dict:
+    """Fine-tune a validated FinetuneConfig in an initialised process group; print and return the results."""
+    from ctcd_ds import dist
+    from ctcd_ds.finetune import FinetuneTrainer
+
     trainer = FinetuneTrainer(cfg)
     try:
         summary = trainer.train()
-        results = trainer.write_results()
-        exports = trainer.export() if cfg.export else {}
+        summary["results"] = trainer.write_results()
+        summary["exports"] = trainer.export() if cfg.export else {}
     finally:
         trainer.close()
     for name, splits in trainer.results.items():
         for split, metrics in splits.items():
             dist.print0(f"{name} {split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    dist.print0(f"  results:     {results}")
-    dist.print0(f"  tensorboard: {summary['tensorboard']}")
-    for name, path in exports.items():
-        dist.print0(f"  export:      {path}   ({name})")
+    summary["metrics"] = trainer.results
+    return summary
+
+
+def _experiment(config: str | None, overrides: list[str]) -> int:
+    from ctcd_ds import dist
+    from ctcd_ds.experiment import Experiment, experiment_problems
+
+    problems: list[str] = []
+    exp = load_config(config, overrides, problems, root=ExperimentConfig)
+    problems += experiment_problems(exp)
+    if problems:
+        raise ConfigError(problems)
+    dist.init_distributed()
+    table = Experiment(exp).run()
+    dist.print0(f"\n{table}\n\nwritten: {exp.output_dir}/results.md, results.json, results.png")
     dist.cleanup()
     return 0
 
@@ -144,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args.config, rest)
         if args.command == "finetune":
             return _finetune(args.config, rest)
+        if args.command == "experiment":
+            return _experiment(args.config, rest)
         if args.command == "evaluate":
             return _evaluate(args.model, args.out, rest)
         if args.command == "show-config":
@@ -168,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def launched(command: str, args: list[str]) -> int:
+    """Entry of the launcher files on every rank: ``CONFIG=x`` (argument or environment) -> ``--config x``."""
+    config = [a.split("=", 1)[1] for a in args if a.startswith("CONFIG=")]
+    args = [a for a in args if not a.startswith("CONFIG=")]
+    if "--config" not in args and not any(a.startswith("--config=") for a in args):
+        config = config or ([os.environ["CONFIG"]] if os.environ.get("CONFIG") else [])
+        args = [f"--config={c}" for c in config[-1:]] + args
+    return main([command, *args])
 
 
 if __name__ == "__main__":

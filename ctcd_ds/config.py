@@ -551,3 +551,40 @@ class FinetuneConfig:
     """Checkpointing."""
     export: bool = True
     """Export every fine-tuned member as a Hugging Face directory at the end."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the reproduction experiment (ctcd-ds experiment / launchers/reproduce.sh)
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentConfig:
+    """Pre-train standalone / one-way KD / CTCD / Community KD on the same data, steps, batch and seed,
+    fine-tune every resulting model on a task over several seeds, and tabulate and plot the results."""
+
+    output_dir: str = "runs/experiment"
+    """Each stage writes below it (pretrain/VARIANT, finetune/MODEL-seedS); results.md, results.json and results.png at the top. Finished stages are skipped when run again."""
+    scale: str = "tiny"
+    """tiny (the CPU pair, 4L-256 and 2L-128) | paper (6L-768 and 4L-768, for GPUs)."""
+    quick: bool = False
+    """A smoke run of tens of steps (what the tests run): overrides the step counts and example limits below."""
+    pretrain_steps: int = 600
+    """Pre-training steps of every variant."""
+    pretrain_batch: int = 32
+    """Pre-training micro-batch (blocks per rank)."""
+    variants: list[str] = field(default_factory=lambda: ["standalone", "kd", "ctcd", "community_kd"])
+    """Pre-training variants to run: standalone (the pair with no edges; its teacher is the KD and Community KD teacher), kd, ctcd, community_kd."""
+    temperature: float = 2.0
+    """tau of every distillation edge."""
+    alpha: float = 1.0
+    """CTCD weight of student -> teacher."""
+    beta: float = 1.0
+    """CTCD (and KD, Community KD) weight of teacher -> student."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Fine-tuning seeds of every model."""
+    finetune_steps: int = 300
+    """Fine-tuning steps of every model and seed."""
+    finetune_lr: float = 3e-4
+    """Fine-tuning peak learning rate."""
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(max_train_examples=16000, seq_len=64))
+    """The fine-tuning task (default: the bundled SST-2, first 16000 training sentences)."""
