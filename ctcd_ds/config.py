@@ -568,7 +568,7 @@ class ExperimentConfig:
     """tiny (the CPU pair, 4L-256 and 2L-128) | paper (6L-768 and 4L-768, for GPUs)."""
     quick: bool = False
     """A smoke run of tens of steps (what the tests run): overrides the step counts and example limits below."""
-    pretrain_steps: int = 600
+    pretrain_steps: int = 500
     """Pre-training steps of every variant."""
     pretrain_batch: int = 32
     """Pre-training micro-batch (blocks per rank)."""
@@ -582,9 +582,9 @@ class ExperimentConfig:
     """CTCD (and KD, Community KD) weight of teacher -> student."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Fine-tuning seeds of every model."""
-    finetune_steps: int = 300
+    finetune_steps: int = 200
     """Fine-tuning steps of every model and seed."""
     finetune_lr: float = 3e-4
     """Fine-tuning peak learning rate."""
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(max_train_examples=16000, seq_len=64))
-    """The fine-tuning task (default: the bundled SST-2, first 16000 training sentences)."""
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(max_train_examples=16000, max_dev_examples=2000, seq_len=64))
+    """The fine-tuning task (default: the bundled SST-2, its first 16000 training and 2000 dev sentences)."""
