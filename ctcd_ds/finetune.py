@@ -181,6 +181,8 @@ class FinetuneTrainer(TrainingLoop):
         return out
 
     def write_results(self) -> Path:
+        if not hasattr(self, "results"):  # resumed at the last step: nothing was evaluated in this process
+            self.evaluate()
         path = self.out / "results.json"
         if dist.is_rank0():
             main = task_metrics(self.cfg.task)[0]
