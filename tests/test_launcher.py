@@ -7,10 +7,11 @@ import shlex
 from conftest import PYTHON, free_port, read_metrics, run_cli
 
 LAUNCHER = "launchers/pretrain.sh"
+LAUNCH_SETTINGS = ("NUM_GPUS", "NUM_NODES", "HOSTFILE", "MASTER_ADDR", "MASTER_PORT", "CONFIG")  # the shell's own must not leak in
 
 
 def dry_run(*args: str, **env: str) -> list[str]:
-    result = run_cli(["bash", LAUNCHER, *args], env={"DRY_RUN": "1", "NUM_GPUS": "", "HOSTFILE": "", **env})
+    result = run_cli(["bash", LAUNCHER, *args], env={"DRY_RUN": "1", **{k: "" for k in LAUNCH_SETTINGS}, **env})
     assert result.returncode == 0, result.stderr
     return shlex.split(result.stdout)
 
