@@ -1,0 +1,290 @@
+"""Bidirectional KD loss: reference vs fused (chunked) vs fused LM head, time and extra memory, one process.
+
+    python benchmarks/kd_loss.py [--rows 1024 4096] [--vocab 8192 30522] [--hidden 256] [--reps 3] [--quick]
+
+For every (rows N, vocab V) it times forward + both backwards (median of ``--reps``, methods interleaved
+round-robin, after one warm-up each) of:
+
+  reference        ``kd_loss(a, b)`` and ``kd_loss(b, a)`` (two ``F.kl_div``) on full fp32 logits
+  fused            ``bidirectional_kl`` (torch chunked path)
+  copy floor       ``a.clone(); b.clone()``: reading both logits once and writing two fresh tensors of the
+                   same size, which is what the fused loss must at least do (its two gradients). Fresh
+                   memory is page-faulted in on first touch, which on this VM costs more than the copy.
+  copy into        ``copy_`` of both into existing tensors (no page faults): for information only
+  head reference   ``z = h @ W.T + b`` for both models (H = ``--hidden``), ``F.cross_entropy`` + ``kd_loss``,
+                   backward of ``mlm_a + kd_ba`` and of ``mlm_b + kd_ab``
+  head fused       ``fused_linear_bidirectional_kl`` on the same inputs
+
+Memory (unless ``--no-memory``): each method runs once in a fresh subprocess (after a tiny warm-up call
+that initialises the libraries); "peak" is the process's peak RSS during the call (``VmHWM`` after resetting
+it through ``/proc/self/clear_refs``) minus its RSS just before, with the inputs already allocated; glibc's
+mmap threshold is fixed at 64 KiB there, so freed blocks go back to the OS and RSS follows live memory.
+It includes the gradients the call returns; "extra" subtracts them (the logits gradients for
+the logits methods; the hidden/weight/bias gradients for the head methods), i.e. what a method needs
+beyond its inputs and its outputs. Ratios are to one ``N x V`` float32 tensor. RSS is page-granular and
+sees every allocator; it cannot see memory that was freed and reused within the call (that is the point).
+
+The last line is JSON with the figures for the largest shape. Timings on a shared 2-core machine are
+noisy: the load average is printed at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ctcd_ds.losses.fused import bidirectional_kl, fused_linear_bidirectional_kl  # noqa: E402
+from ctcd_ds.losses.reference import kd_loss  # noqa: E402
+
+TAU = 2.0
+METHODS = ("reference", "fused", "copy_floor", "copy_into", "head_reference", "head_fused")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def logits_inputs(n: int, v: int):
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(n, v, generator=g) * 3).requires_grad_()
+    b = (torch.randn(n, v, generator=g) * 3).requires_grad_()
+    return a, b
+
+
+def head_inputs(n: int, v: int, h: int):
+    g = torch.Generator().manual_seed(1)
+    ts = []
+    for _ in range(2):
+        ts += [
+            torch.randn(n, h, generator=g).requires_grad_(),
+            (torch.randn(v, h, generator=g) * 0.1).requires_grad_(),
+            (torch.randn(v, generator=g) * 0.1).requires_grad_(),
+        ]
+    labels = torch.randint(0, v, (n,), generator=g)
+    return ts, labels
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def clear(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def run_reference(a, b):
+    clear((a, b))
+    kd_loss(a, b, TAU).backward()
+    kd_loss(b, a, TAU).backward()
+
+
+def run_fused(a, b):
+    clear((a, b))
+    out = bidirectional_kl(a, b, TAU, backend="torch")
+    out.loss_ab.backward()
+    out.loss_ba.backward()
+
+
+def run_copy_floor(a, b):
+    return a.detach().clone(), b.detach().clone()
+
+
+def run_copy_into(a, b, out):
+    out[0].copy_(a.detach())
+    out[1].copy_(b.detach())
+
+
+def run_head_reference(ts, labels):
+    clear(ts)
+    ha, wa, ba, hb, wb, bb = ts
+    za, zb = F.linear(ha, wa, ba), F.linear(hb, wb, bb)
+    (F.cross_entropy(za, labels) + kd_loss(zb, za, TAU)).backward()
+    (F.cross_entropy(zb, labels) + kd_loss(za, zb, TAU)).backward()
+
+
+def run_head_fused(ts, labels):
+    clear(ts)
+    out = fused_linear_bidirectional_kl(*ts[:3], *ts[3:], labels, TAU, backend="torch")
+    (out.mlm_a + out.loss_ba).backward()
+    (out.mlm_b + out.loss_ab).backward()
+
+
+def make_calls(n: int, v: int, h: int):
+    """{method: zero-argument callable}, sharing the inputs."""
+    a, b = logits_inputs(n, v)
+    ts, labels = head_inputs(n, v, h)
+    out = (torch.zeros_like(a), torch.zeros_like(b))
+    return {
+        "reference": lambda: run_reference(a, b),
+        "fused": lambda: run_fused(a, b),
+        "copy_floor": lambda: run_copy_floor(a, b),
+        "copy_into": lambda: run_copy_into(a, b, out),
+        "head_reference": lambda: run_head_reference(ts, labels),
+        "head_fused": lambda: run_head_fused(ts, labels),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` memory figure, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def measure_memory_child(method: str, n: int, v: int, h: int) -> None:
+    """(In a subprocess.) Print JSON: peak RSS delta of one call, and the bytes of gradients it hands back."""
+
+    def setup(n, v, h):
+        if method.startswith("head"):
+            ts, labels = head_inputs(n, v, h)
+            fn = run_head_reference if method == "head_reference" else run_head_fused
+            return (lambda: fn(ts, labels)), ts
+        a, b = logits_inputs(n, v)
+        fn = {"reference": run_reference, "fused": run_fused, "copy_floor": run_copy_floor}[method]
+        return (lambda: fn(a, b)), (a, b)
+
+    warm, _ = setup(8, 64, 8)  # one-time library initialisation is not the method's memory
+    warm()
+    call, grads = setup(n, v, h)
+    before = psutil.Process().memory_info().rss
+    try:  # reset the peak-RSS mark (Linux >= 4.0), so the peak is this call's
+        Path("/proc/self/clear_refs").write_text("5")
+        result = call()
+        peak = _proc_status("VmHWM")
+    except OSError:  # fall back on the process-lifetime peak
+        result = call()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    out_bytes = sum(t.numel() * t.element_size() for t in grads)  # the gradients (or copies) it returns
+    del result
+    print(json.dumps({"peak": peak - before, "outputs": out_bytes}))
+
+
+def measure_memory(method: str, n: int, v: int, h: int) -> dict:
+    cmd = [sys.executable, __file__, "--_child", method, str(n), str(v), str(h)]
+    # A fixed mmap threshold: every allocation above 64 KiB is mmapped and unmapped when freed, so RSS
+    # follows live memory (glibc's dynamic threshold would serve later blocks from retained heap memory).
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+        MALLOC_MMAP_THRESHOLD_="65536",
+        GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536",
+    )
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def time_methods(calls: dict, reps: int) -> dict:
+    times = {m: [] for m in calls}
+    for fn in calls.values():  # warm-up
+        fn()
+    for _ in range(reps):
+        for m, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 30522])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        method, n, v, h = args._child
+        measure_memory_child(method, int(n), int(v), int(h))
+        return
+    if args.quick:
+        args.rows, args.vocab, args.hidden, args.reps = [64, 256], [512, 2048], 32, 1
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"tau={TAU}, hidden={args.hidden}, reps={args.reps}; time = forward + both backwards, median")
+    print("memory: peak RSS delta of one call in a fresh subprocess; 'extra' = peak minus the gradients it returns")
+    header = (
+        f"{'N':>5} {'V':>6}  {'method':<15} {'time_s':>8} {'vs_ref':>7} {'vs_copy':>8} "
+        f"{'peak_MB':>8} {'extra_MB':>9} {'extra/logits':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n in args.rows:
+        for v in args.vocab:
+            calls = make_calls(n, v, args.hidden)
+            times = time_methods(calls, args.reps)
+            del calls
+            logits_bytes = n * v * 4
+            for m in METHODS:
+                mem = None if args.no_memory or m == "copy_into" else measure_memory(m, n, v, args.hidden)
+                head = m.startswith("head")
+                row = dict(N=n, V=v, method=m, time_s=times[m])
+                row["vs_ref"] = times["head_reference" if head else "reference"] / times[m]
+                row["vs_copy"] = None if head else times[m] / times["copy_floor"]
+                row["peak_MB"] = mem and mem["peak"] / 2**20
+                row["extra_MB"] = mem and (mem["peak"] - mem["outputs"]) / 2**20
+                row["extra_vs_logits"] = mem and (mem["peak"] - mem["outputs"]) / logits_bytes
+                row["peak_vs_logits"] = mem and mem["peak"] / logits_bytes
+                rows.append(row)
+                print(
+                    f"{n:>5} {v:>6}  {m:<15} {row['time_s']:>8.3f} {row['vs_ref']:>6.1f}x {fmt(row['vs_copy'], '7.2f')}x "
+                    f"{fmt(row['peak_MB'], '8.0f')} {fmt(row['extra_MB'], '9.0f')} {fmt(row['extra_vs_logits'], '12.3f')}"
+                )
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+    n, v = max(args.rows), max(args.vocab)
+    r = {row["method"]: row for row in rows if row["N"] == n and row["V"] == v}
+    summary = {
+        "shape": [n, v],
+        "hidden": args.hidden,
+        "threads": torch.get_num_threads(),
+        "speedup_vs_reference": rnd(r["fused"]["vs_ref"]),
+        "time_vs_copy_floor": rnd(r["fused"]["vs_copy"]),
+        "time_vs_copy_into_existing": rnd(r["fused"]["time_s"] / r["copy_into"]["time_s"]),
+        "memory_vs_logits": rnd(r["fused"]["extra_vs_logits"], 3),
+        "memory_with_grads_vs_logits": rnd(r["fused"]["peak_vs_logits"], 3),
+        "reference_memory_vs_logits": rnd(r["reference"]["extra_vs_logits"], 3),
+        "head_speedup_vs_reference": rnd(r["head_fused"]["vs_ref"]),
+        "head_memory_vs_logits": rnd(r["head_fused"]["extra_vs_logits"], 3),
+        "head_memory_with_grads_vs_logits": rnd(r["head_fused"]["peak_vs_logits"], 3),
+        "head_reference_memory_vs_logits": rnd(r["head_reference"]["extra_vs_logits"], 3),
+        "times_s": {m: rnd(row["time_s"], 4) for m, row in r.items()},
+        "memory_measure": "peak RSS delta of one call in a fresh subprocess; memory_* excludes the returned gradients",
+    }
+    print(json.dumps(summary))
+
+
+def fmt(x, spec: str) -> str:
+    """``format(x, spec)``, or a right-aligned dash for a missing figure."""
+    width = int(spec.split(".")[0])
+    return "-".rjust(width) if x is None else format(x, spec)
+
+
+def rnd(x, digits: int = 2):
+    return None if x is None else round(x, digits)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The fused bidirectional KL (and its LM-head variant) against the reference definition.
+
+Reference: ``ctcd_ds.losses.reference.kd_loss`` (two ``F.kl_div``) on the valid rows, and for the LM-head
+variant ``hidden @ W.T + b`` -> ``F.cross_entropy`` + ``kd_loss``. All on tiny shapes (CPU, seconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctcd_ds.losses import triton_kd
+from ctcd_ds.losses.fused import BidirectionalKL, LinearBidirectionalKL, bidirectional_kl, fused_linear_bidirectional_kl
+from ctcd_ds.losses.reference import kd_loss
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+needs_triton = pytest.mark.skipif(
+    not (HAS_CUDA and triton_kd.TRITON_AVAILABLE), reason="needs a CUDA device and triton (not installed here)"
+)
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """A leaf's gradient, None read as zeros."""
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+def _logits(n, v, scale=3.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, v, generator=g) * scale).to(dtype).requires_grad_()
+    b = (torch.randn(n, v, generator=g) * scale).to(dtype).requires_grad_()
+    return a, b
+
+
+def _reference(a, b, tau, w_ab, w_ba, mask=None):
+    """(loss_ab, loss_ba, grad_a, grad_b) from the reference on fresh copies of the inputs."""
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    sa, sb = (ra, rb) if mask is None else (ra[mask], rb[mask])
+    loss_ab = w_ab * kd_loss(sa, sb, tau)
+    loss_ba = w_ba * kd_loss(sb, sa, tau)
+    loss_ab.backward()
+    loss_ba.backward()
+    return loss_ab.detach(), loss_ba.detach(), _grad(ra), _grad(rb)
+
+
+def _fused_backward(a, b, *args, **kwargs) -> BidirectionalKL:
+    a.grad = b.grad = None
+    out = bidirectional_kl(a, b, *args, **kwargs)
+    for loss in (out.loss_ab, out.loss_ba):
+        if loss.requires_grad:
+            loss.backward()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# bidirectional_kl: values and gradients
+# --------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 12),
+    v=st.integers(1, 40),
+    tau=st.floats(0.5, 4.0),
+    w_ab=st.sampled_from([1.0, 0.0, 0.3, 2.5, -0.7]),
+    w_ba=st.sampled_from([1.0, 0.0, 0.6, 4.0]),
+    scale=st.sampled_from([0.1, 1.0, 3.0, 8.0]),
+    masked=st.booleans(),
+    chunk=st.sampled_from([None, 1, 2, 5]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_fp32(n, v, tau, w_ab, w_ba, scale, masked, chunk, seed):
+    a, b = _logits(n, v, scale, seed=seed)
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(seed + 1)) > 0.4) if masked else None
+    out = _fused_backward(a, b, tau, w_ab, w_ba, row_mask=mask, chunk_rows=chunk, backend="torch")
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, tau, w_ab, w_ba, mask)
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    if w_ab != 0:
+        torch.testing.assert_close(out.kl_ab, ref_ab / w_ab, **FP32)
+    if w_ba != 0:
+        torch.testing.assert_close(out.kl_ba, ref_ba / w_ba, **FP32)
+    torch.testing.assert_close(_grad(a), ref_ga, **FP32)
+    torch.testing.assert_close(_grad(b), ref_gb, **FP32)
+    for t in out:
+        assert torch.isfinite(t).all()
+    assert not out.kl_ab.requires_grad and not out.kl_ba.requires_grad
+
+
+def test_larger_vocab_matches_reference():
+    a, b = _logits(33, 3001, 4.0, seed=3)
+    mask = torch.arange(33) % 4 != 1
+    out = _fused_backward(a, b, 2.0, 0.8, 1.7, row_mask=mask, chunk_rows=7, backend="torch")
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 0.8, 1.7, mask)
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    torch.testing.assert_close(a.grad, ref_ga, **FP32)
+    torch.testing.assert_close(b.grad, ref_gb, **FP32)
+    assert (a.grad[~mask] == 0).all() and (b.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_float64(masked):
+    a, b = _logits(5, 7, 2.0, dtype=torch.float64, seed=1)
+    mask = torch.tensor([True, False, True, True, False]) if masked else None
+    # the source side is detached by definition, so each loss is checked w.r.t. its target only
+    ca, cb = a.detach(), b.detach()
+    assert torch.autograd.gradcheck(lambda y: bidirectional_kl(ca, y, 1.7, 0.6, 1.9, row_mask=mask).loss_ab, (b,))
+    assert torch.autograd.gradcheck(lambda x: bidirectional_kl(x, cb, 1.7, 0.6, 1.9, row_mask=mask).loss_ba, (a,))
+    # the float64 values also equal the reference computed in float64
+    la = torch.log_softmax(a.detach() / 1.7, -1)
+    lb = torch.log_softmax(b.detach() / 1.7, -1)
+    rows = slice(None) if mask is None else mask
+    kl_ab = (la.exp() * (la - lb)).sum(-1)[rows].mean() * 1.7**2
+    torch.testing.assert_close(bidirectional_kl(a, b, 1.7, row_mask=mask).kl_ab, kl_ab, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    """Math is float32 on the given low-precision logits, so values match the reference (which also upcasts)
+    to float32 rounding; gradients are returned in the input dtype and match to within 2 ulps of it."""
+    a, b = _logits(24, 257, 3.0, dtype=dtype, seed=4)
+    mask = torch.arange(24) % 5 != 0
+    out = _fused_backward(a, b, 2.0, 1.0, 0.5, row_mask=mask, chunk_rows=4, backend="torch")
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 1.0, 0.5, mask)
+    assert out.loss_ab.dtype == torch.float32 and a.grad.dtype == dtype
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for got, ref in ((a.grad, ref_ga), (b.grad, ref_gb)):
+        tol = 2 * ulp * ref.float().abs().max()
+        assert (got.float() - ref.float()).abs().max() <= tol
+
+
+def test_float16_tiny_gradients_survive_loss_scaling():
+    """Gradients of ~1e-8 underflow in float16; with a DeepSpeed-style loss scale they must come out as the
+    reference's (float32 gradient times the scale, cast to float16), within 2 float16 ulps."""
+    a, b = _logits(4096, 16, 0.001, dtype=torch.float16, seed=5)
+    out = bidirectional_kl(a, b, 2.0)
+    (out.loss_ab * 65536.0).backward()
+    rb = b.detach().clone().requires_grad_()
+    (kd_loss(a.detach(), rb, 2.0) * 65536.0).backward()
+    unscaled = rb.grad.float() / 65536.0
+    assert (unscaled.half() == 0).float().mean() > 0.5  # stored unscaled in float16, most would be lost
+    assert (rb.grad != 0).float().mean() > 0.99
+    assert (b.grad.float() - rb.grad.float()).abs().max() <= 2 * 2.0**-11 * rb.grad.float().abs().max()
+
+
+# --------------------------------------------------------------------------------------------------
+# bidirectional_kl: edge cases and the autograd contract
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["all_masked", "no_rows"])
+def test_zero_valid_rows(case):
+    n = 0 if case == "no_rows" else 6
+    a, b = _logits(n, 11)
+    mask = torch.zeros(n, dtype=torch.bool) if case == "all_masked" else None
+    out = _fused_backward(a, b, 2.0, row_mask=mask)
+    for t in out:
+        assert t.item() == 0.0 and not torch.isnan(t)
+    assert out.loss_ab.requires_grad and out.loss_ba.requires_grad
+    for t in (a, b):
+        assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+@pytest.mark.parametrize("order", ["ab_first", "ba_first"])
+def test_losses_backward_independently(order):
+    """Each loss reaches only its target; two backward calls, either order, no retain_graph."""
+    a, b = _logits(9, 23, seed=6)
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 0.4, 1.5)
+    out = bidirectional_kl(a, b, 2.0, 0.4, 1.5)
+    first, second = (out.loss_ab, out.loss_ba) if order == "ab_first" else (out.loss_ba, out.loss_ab)
+    first.backward()
+    if order == "ab_first":
+        assert a.grad is None and b.grad is not None
+    else:
+        assert b.grad is None and a.grad is not None
+    second.backward()
+    torch.testing.assert_close(a.grad, ref_ga, **FP32)
+    torch.testing.assert_close(b.grad, ref_gb, **FP32)
+
+
+def test_grad_output_scaling_and_retained_graph():
+    a, b = _logits(8, 19, seed=7)
+    _, _, ref_ga, ref_gb = _reference(a, b, 1.5, 1.0, 1.0)
+    out = bidirectional_kl(a, b, 1.5)
+    (1024.0 * out.loss_ab).backward(retain_graph=True)
+    torch.testing.assert_close(b.grad, 1024.0 * ref_gb, **FP32)
+    b.grad = None
+    (0.25 * out.loss_ab).backward(retain_graph=True)  # the retained graph rescales its buffer
+    torch.testing.assert_close(b.grad, 0.25 * ref_gb, **FP32)
+    b.grad = None
+    (0.0 * out.loss_ab).backward(retain_graph=True)
+    assert (b.grad == 0).all()
+    b.grad = None
+    out.loss_ab.backward()
+    torch.testing.assert_close(b.grad, ref_gb, **FP32)
+    with pytest.raises(RuntimeError):  # the graph is released, as for any loss without retain_graph
+        out.loss_ab.backward()
+    # accumulation on top of an existing .grad (gradient accumulation)
+    (out.loss_ba / 4).backward()
+    out2 = bidirectional_kl(a, b, 1.5)
+    (out2.loss_ba / 4).backward()
+    torch.testing.assert_close(a.grad, ref_ga / 2, **FP32)
+
+
+def test_leaf_adopts_the_stored_buffer():
+    """No second gradient-sized tensor: a leaf's .grad is the buffer computed in the forward."""
+    a, b = _logits(6, 13, seed=8)
+    out = bidirectional_kl(a, b, 2.0)
+    (3.0 * out.loss_ba).backward()
+    buf_ptr = a.grad.data_ptr()
+    del out
+    assert a.grad.data_ptr() == buf_ptr
+
+
+def test_chunk_size_does_not_change_results():
+    a, b = _logits(29, 97, seed=9)
+    mask = torch.arange(29) % 3 != 0
+    results = []
+    for chunk in (1, 4, 29, 1000, None):
+        for m in (None, mask):
+            out = _fused_backward(a, b, 1.3, 0.7, 1.1, row_mask=m, chunk_rows=chunk, backend="torch")
+            results.append((m is None, out, a.grad.clone(), b.grad.clone()))
+    for full in (True, False):
+        group = [r for r in results if r[0] == full]
+        for _, out, ga, gb in group[1:]:
+            torch.testing.assert_close(out.loss_ab, group[0][1].loss_ab, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(out.loss_ba, group[0][1].loss_ba, rtol=1e-6, atol=1e-7)
+            assert torch.equal(ga, group[0][2]) and torch.equal(gb, group[0][3])
+
+
+def test_skipped_gradients():
+    a, b = _logits(5, 9, seed=10)
+    b.requires_grad_(False)
+    out = bidirectional_kl(a, b, 2.0, weight_ab=1.0, weight_ba=0.0)
+    assert not out.loss_ab.requires_grad  # logits_b needs no grad: a plain tensor
+    assert out.loss_ba.requires_grad and out.loss_ba.item() == 0.0  # zero weight: no gradient computed
+    out.loss_ba.backward()
+    assert a.grad is None
+    assert out.kl_ba.item() > 0
+    with torch.no_grad():
+        out = bidirectional_kl(a, b, 2.0)
+    assert not out.loss_ab.requires_grad and not out.loss_ba.requires_grad
+
+
+def test_cpu_worker_threads_leave_torch_threads_as_they_were():
+    a, b = _logits(64, 33, seed=18)
+    before = torch.get_num_threads()
+    _fused_backward(a, b, 2.0, chunk_rows=4)
+    tensors, labels = _head_inputs(n=40, seed=18)
+    fused_linear_bidirectional_kl(*tensors, labels, 2.0, chunk_rows=16)
+    assert torch.get_num_threads() == before
+
+
+def test_bad_arguments():
+    a, b = _logits(3, 5)
+    with pytest.raises(ValueError):
+        bidirectional_kl(a, b[:, :4], 2.0)
+    with pytest.raises(ValueError):
+        bidirectional_kl(a, b, 0.0)
+    with pytest.raises(ValueError):
+        bidirectional_kl(a, b, 2.0, row_mask=torch.ones(3))
+    with pytest.raises(ValueError):
+        bidirectional_kl(a, b, 2.0, backend="cuda")
+    with pytest.raises(ValueError):
+        bidirectional_kl(a, b, 2.0, chunk_rows=0)
+
+
+def test_triton_module_imports_without_triton():
+    assert isinstance(triton_kd.TRITON_AVAILABLE, bool)
+    assert "UNTESTED" in triton_kd.__doc__
+    if not triton_kd.TRITON_AVAILABLE:
+        a, b = _logits(3, 5)
+        with pytest.raises(RuntimeError, match="triton"):
+            bidirectional_kl(a, b, 2.0, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# fused_linear_bidirectional_kl
+# --------------------------------------------------------------------------------------------------
+
+
+def _head_inputs(n=21, v=53, h_a=12, h_b=8, bias=True, dtype=torch.float32, seed=11, unlabelled=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def mk(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype).requires_grad_()
+
+    tensors = []
+    for h in (h_a, h_b):
+        tensors += [mk(n, h), mk(v, h, s=0.5), mk(v) if bias else None]
+    labels = torch.randint(0, v, (n,), generator=g)
+    if unlabelled:
+        labels[::unlabelled] = -100
+    return tensors, labels
+
+
+def _head_reference(tensors, labels, tau, w_ab, w_ba):
+    """The four terms from materialised logits and the reference losses."""
+    ha, wa, ba, hb, wb, bb = tensors
+    za = F.linear(ha, wa, ba)
+    zb = F.linear(hb, wb, bb)
+    return {
+        "mlm_a": F.cross_entropy(za.float(), labels, ignore_index=-100),
+        "mlm_b": F.cross_entropy(zb.float(), labels, ignore_index=-100),
+        "loss_ab": w_ab * kd_loss(za, zb, tau),
+        "loss_ba": w_ba * kd_loss(zb, za, tau),
+    }
+
+
+def _grads(loss, tensors):
+    live = [t for t in tensors if t is not None]
+    gs = iter(torch.autograd.grad(loss, live, allow_unused=True, retain_graph=True))
+    return [None if t is None else next(gs) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "tau,w_ab,w_ba,bias,chunk,unlabelled",
+    [
+        (2.0, 1.0, 1.0, True, 4, 3),
+        (1.0, 0.5, 2.0, False, None, 0),
+        (0.7, 1.3, 0.0, True, 1, 2),
+        (3.0, 0.0, 1.0, False, 7, 4),
+    ],
+)
+def test_linear_variant_matches_reference(tau, w_ab, w_ba, bias, chunk, unlabelled):
+    tensors, labels = _head_inputs(bias=bias, unlabelled=unlabelled)
+    ref = _head_reference(tensors, labels, tau, w_ab, w_ba)
+    out = fused_linear_bidirectional_kl(*tensors, labels, tau, w_ab, w_ba, chunk_rows=chunk, backend="torch")
+    assert isinstance(out, LinearBidirectionalKL)
+    a_side, b_side = {0, 1, 2}, {3, 4, 5}
+    for name, reaches in (("mlm_a", a_side), ("mlm_b", b_side), ("loss_ab", b_side), ("loss_ba", a_side)):
+        got = getattr(out, name)
+        torch.testing.assert_close(got, ref[name].detach(), **FP32)
+        scale = 3.5  # an arbitrary grad_output
+        g_fused = _grads(scale * got, tensors)
+        g_ref = _grads(scale * ref[name], tensors)
+        for i, (gf, gr) in enumerate(zip(g_fused, g_ref)):
+            if tensors[i] is None:
+                continue
+            if i not in reaches:
+                assert gf is None, f"{name} reached tensor {i} of the other model"
+            gf = gf if gf is not None else torch.zeros_like(tensors[i])
+            gr = gr if gr is not None else torch.zeros_like(tensors[i])
+            torch.testing.assert_close(gf, gr, **FP32, msg=lambda m: f"{name}, tensor {i}: {m}")
+    za, zb = (F.linear(*tensors[i : i + 3]) for i in (0, 3))
+    torch.testing.assert_close(out.kl_ab, kd_loss(za, zb, tau).detach(), **FP32)
+
+
+def test_linear_variant_each_model_backpropagates_its_total():
+    """Engine a: backward(mlm_a + loss_ba); engine b: backward(mlm_b + loss_ab); no retain_graph; all six grads."""
+    tensors, labels = _head_inputs(seed=12)
+    ref = _head_reference(tensors, labels, 2.0, 0.7, 1.4)
+    ref_grads = _grads(ref["mlm_a"] + ref["loss_ba"], tensors)[:3] + _grads(ref["mlm_b"] + ref["loss_ab"], tensors)[3:]
+    out = fused_linear_bidirectional_kl(*tensors, labels, 2.0, 0.7, 1.4)
+    (out.mlm_b + out.loss_ab).backward()
+    assert all(t.grad is None for t in tensors[:3])
+    ((out.mlm_a + out.loss_ba) * 8.0).backward()  # e.g. a loss scale
+    for i, (t, g) in enumerate(zip(tensors, ref_grads)):
+        torch.testing.assert_close(t.grad, g * (8.0 if i < 3 else 1.0), **FP32)
+
+
+def test_linear_variant_no_labelled_rows_and_bf16():
+    tensors, labels = _head_inputs(n=6, unlabelled=1)  # every row is -100
+    out = fused_linear_bidirectional_kl(*tensors, labels, 2.0)
+    assert out.mlm_a.item() == 0.0 and out.mlm_b.item() == 0.0
+    (out.mlm_a + out.loss_ba).backward()
+    assert all(torch.isfinite(t.grad).all() for t in tensors[:3])
+
+    tensors, labels = _head_inputs(dtype=torch.bfloat16, seed=13)
+    ref = _head_reference(tensors, labels, 2.0, 1.0, 1.0)
+    out = fused_linear_bidirectional_kl(*tensors, labels, 2.0, chunk_rows=5)
+    for name in ("mlm_a", "mlm_b", "loss_ab", "loss_ba"):
+        torch.testing.assert_close(getattr(out, name), ref[name].detach().float(), rtol=1e-3, atol=1e-3)
+    for gf, gr in zip(_grads(out.mlm_a + out.loss_ba, tensors), _grads(ref["mlm_a"] + ref["loss_ba"], tensors)):
+        if gr is not None:  # bf16: within ~2% of the largest entry (summation order differs from one GEMM)
+            assert gf.dtype == torch.bfloat16
+            assert (gf.float() - gr.float()).abs().max() <= 0.02 * gr.float().abs().max()
+
+
+def test_linear_variant_gradcheck_float64():
+    tensors, labels = _head_inputs(n=5, v=7, h_a=3, h_b=2, dtype=torch.float64, seed=14, unlabelled=2)
+    fixed = [t.detach() for t in tensors]
+    # each term w.r.t. its own model's tensors, the other model's held fixed (its side is detached)
+    for pick, own in ((0, 0), (1, 3), (2, 3), (3, 0)):
+
+        def fn(h, w, b, pick=pick, own=own):
+            ts = list(fixed)
+            ts[own : own + 3] = [h, w, b]
+            return fused_linear_bidirectional_kl(*ts, labels, 1.6, 0.8, 1.2, chunk_rows=2)[pick]
+
+        assert torch.autograd.gradcheck(fn, tuple(tensors[own : own + 3]), fast_mode=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA / Triton (skipped here: no GPU, no triton)
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(backend, dtype):
+    if backend == "auto" and not triton_kd.TRITON_AVAILABLE:
+        pytest.skip("triton not installed: 'auto' is the torch path")
+    a, b = _logits(67, 5003, 3.0, dtype=dtype, seed=15)
+    a, b = a.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_()
+    mask = (torch.arange(67) % 6 != 2).cuda()
+    out = _fused_backward(a, b, 2.0, 0.6, 1.4, row_mask=mask, backend=backend)
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 0.6, 1.4, mask)
+    tol = FP32 if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    torch.testing.assert_close(a.grad.float(), ref_ga.float(), **tol)
+    torch.testing.assert_close(b.grad.float(), ref_gb.float(), **tol)
+
+
+@needs_triton
+def test_triton_kernel_matches_torch_path():
+    a, b = _logits(129, 30522, 4.0, seed=16)
+    a, b = a.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_()
+    for mask in (None, (torch.arange(129) % 3 != 0).cuda()):
+        t = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="triton")
+        ga, gb = a.grad.clone(), b.grad.clone()
+        r = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="torch")
+        torch.testing.assert_close(t.loss_ab, r.loss_ab, **FP32)
+        torch.testing.assert_close(t.loss_ba, r.loss_ba, **FP32)
+        torch.testing.assert_close(ga, a.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(gb, b.grad, rtol=1e-5, atol=1e-8)
+
+
+@needs_triton
+def test_triton_linear_variant_matches_reference():
+    tensors, labels = _head_inputs(n=40, v=3001, h_a=64, h_b=32, seed=17)
+    tensors = [t.detach().cuda().requires_grad_() if t is not None else None for t in tensors]
+    labels = labels.cuda()
+    ref = _head_reference(tensors, labels, 2.0, 1.0, 1.0)
+    out = fused_linear_bidirectional_kl(*tensors, labels, 2.0, backend="triton")
+    for name in ("mlm_a", "mlm_b", "loss_ab", "loss_ba"):
+        torch.testing.assert_close(getattr(out, name), ref[name].detach(), rtol=1e-4, atol=1e-5)
+    for gf, gr in zip(_grads(out.mlm_a + out.loss_ba, tensors)[:3], _grads(ref["mlm_a"] + ref["loss_ba"], tensors)[:3]):
+        torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
