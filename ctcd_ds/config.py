@@ -133,8 +133,8 @@ class TrainConfig:
     """Clip each member's global gradient norm to this value (0 = off)."""
     precision: str = "auto"
     """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, else fp32)."""
-    kd_loss: str = "reference"
-    """Implementation of the distillation loss: reference (plain torch, for debugging)."""
+    kd_loss: str = "fused"
+    """Implementation of the distillation loss: fused (both directions of a pair in one pass; Triton on CUDA) | reference (plain torch, for debugging)."""
     log_every: int = 10
     """Write training scalars every N steps."""
     eval_every: int = 50
@@ -517,8 +517,8 @@ class FinetuneTrainConfig:
     """Clip each member's global gradient norm to this value (0 = off)."""
     precision: str = "auto"
     """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, else fp32)."""
-    kd_loss: str = "reference"
-    """Implementation of the distillation loss on class logits: reference."""
+    kd_loss: str = "fused"
+    """Implementation of the distillation loss on class logits: fused | reference (plain torch, for debugging)."""
     log_every: int = 10
     """Write training scalars every N steps."""
     eval_every: int = 0

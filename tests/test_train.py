@@ -73,6 +73,19 @@ def test_resume_equals_uninterrupted(ctcd_run, tmp_path):
             assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (member, step, resumed[step], full[step])
 
 
+def test_fused_and_reference_kd_losses_train_alike(ctcd_run, tmp_path):
+    """The default fused loss and the plain-torch reference give the same per-step losses and grad norms."""
+    _, run_dir, overrides = ctcd_run
+    assert read_metrics(run_dir)[0] and "kd_loss: fused" in (run_dir / "config.yaml").read_text()
+    _, ref_dir = run([*overrides, f"--output_dir={tmp_path / 'reference'}", "--checkpoint.every=0", "--export=false", "--train.kd_loss=reference"])
+    fused = {m["step"]: m for m in read_metrics(run_dir) if "teacher/total_loss" in m}
+    reference = {m["step"]: m for m in read_metrics(ref_dir) if "teacher/total_loss" in m}
+    assert sorted(fused) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for step in fused:
+        for key in ("teacher/mlm_loss", "teacher/kd_loss_from_student", "student/kd_loss_from_teacher", "student/total_loss", "teacher/grad_norm", "student/grad_norm"):
+            assert fused[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
+
+
 def test_export_round_trip(ctcd_run, tmp_path):
     summary, run_dir, _ = ctcd_run
     result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "offline")])
