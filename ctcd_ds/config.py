@@ -34,11 +34,47 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True, slots=True)
+class PruneConfig:
+    """HomoDistil: prune this member structurally while it trains (BERT models, ZeRO stages 0-2)."""
+
+    hidden_size: int = 0
+    """Target hidden width; a multiple of the head size, and the pruned model keeps hidden_size / head size heads per layer. 0 = keep the width (with intermediate_size 0: no pruning)."""
+    intermediate_size: int = 0
+    """Target FFN neurons per layer. 0 = keep them."""
+    start: float = 0.0
+    """Fraction of train.steps at which pruning starts (importance is tracked from the first step)."""
+    end: float = 0.7
+    """Fraction of train.steps by which the target is reached, on a cubic schedule; the rest of the run trains the pruned shape."""
+    every: int = 1
+    """Prune every N steps between start and end."""
+    ema: float = 0.85
+    """Smoothing of the importance scores |theta * dL/dtheta| across steps (0 = the current step only)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.hidden_size > 0 or self.intermediate_size > 0
+
+
+@dataclass(kw_only=True, slots=True)
+class MiniDiscConfig:
+    """MiniDisc: start this member (a teacher assistant) as the best of several one-shot prunings of its `model`; or train it sandwich-style."""
+
+    sparsities: list[float] = field(default_factory=list)
+    """Width sparsities of the candidates, e.g. [0.25, 0.5, 0.75]: each keeps (1 - s) of the heads (so of the hidden width) and of the FFN neurons. Empty = off."""
+    lam: float = 0.2
+    """lambda in score = held-out MLM accuracy + lambda * s, with s the candidate's parameter sparsity; the best score wins."""
+    batches: int = 4
+    """Training micro-batches whose MLM-loss sensitivities |theta * dL/dtheta| rank the structures to prune."""
+    sandwich: list[float] = field(default_factory=list)
+    """Sandwich training of this member (e.g. the student): its incoming KD (and hidden-state) losses are averaged over the full model and weight-shared sub-networks at these width sparsities, e.g. [0.5]; each sub-network keeps the heads, FFN neurons and hidden dims most important by running |theta * dL/dtheta| (EMA 0.85). Empty = off."""
+
+
+@dataclass(kw_only=True, slots=True)
 class MemberConfig:
     """One model of the run: its architecture or weights, and its own optimizer."""
 
     model: str = "tiny-teacher"
-    """A model preset (see `ctcd-ds presets`) or a Hugging Face model directory with pretrained weights."""
+    """A model preset (see `ctcd-ds presets`), a Hugging Face model directory with pretrained weights, or the name of another member: a copy of that member's model (HomoDistil, MiniDisc)."""
     trainable: bool = True
     """Train this member. A frozen member (false) must be pretrained (`model` is a directory); it only teaches."""
     init_from: str = ""
@@ -55,6 +91,10 @@ class MemberConfig:
     """Fraction of `train.steps` spent warming the learning rate up linearly from 0."""
     lr_schedule: str = "linear"
     """Learning-rate decay after warm-up: linear | cosine | constant."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """HomoDistil structured pruning of this member while it trains (off by default)."""
+    minidisc: MiniDiscConfig = field(default_factory=MiniDiscConfig)
+    """MiniDisc teacher-assistant selection, or sandwich training, of this member (off by default)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,6 +115,8 @@ class EdgeConfig:
     """The weight after `schedule_steps` steps (not used by constant)."""
     schedule_steps: int = 0
     """K: the steps over which the weight decays (linear, cosine) or after which it switches (step)."""
+    hidden_weight: float = 0.0
+    """Weight of the MSE between the source's and the target's last hidden states at the masked positions (HomoDistil); needs equal hidden sizes; over the dims the target keeps when it is being pruned. 0 = off."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,6 +239,15 @@ class RunConfig:
     """Checkpointing."""
     export: bool = True
     """Export every member as a Hugging Face model directory at the end."""
+
+    def __post_init__(self) -> None:
+        """A member whose `model` names another member is a copy of that member's model (resolved here, so
+        the rest of the code and the saved config see the preset or directory itself)."""
+        for name, m in self.members.items():
+            seen = {name}
+            while m.model in self.members and m.model not in seen:  # a cycle is left for validation to report
+                seen.add(m.model)
+                m.model = self.members[m.model].model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from a joint checkpoint (``ctcd-ds export``), where ZeRO partitions are merged i
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import yaml
 from ctcd_ds import checkpoint, dist
 from ctcd_ds.config import ConfigError, from_dict
 from ctcd_ds.models import build_model, count_parameters, save_hf
+from ctcd_ds.pruning import PruneMasks, Widths, prune_bert, pruned_config
 from ctcd_ds.tokenizer import load_tokenizer
 
 PREFIX = "hf."  # every engine's module holds its Hugging Face model as ``.hf``
+MASKS_PREFIX = "masks."  # ... and a member gated by masks (pruned, sandwich) its masks as ``.masks``
 
 
 def _hf_state(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,8 +38,15 @@ def export_member(engine: Any, tokenizer, out_dir: Path) -> None:
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
     with gather:
         if dist.is_rank0():
-            state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-            _write(engine.module.hf, _hf_state(state), tokenizer, out_dir)
+            masks = getattr(engine.module, "pruned_masks", None)  # a member pruned while training (HomoDistil)
+            if masks is not None:
+                small = prune_bert(engine.module.hf, masks)
+                _write(small, small.state_dict(), tokenizer, out_dir)
+                print(f"{out_dir.name}: pruned to {small.config.num_hidden_layers}L-{small.config.hidden_size} ({small.config.num_attention_heads} heads, "
+                      f"FFN {small.config.intermediate_size}): {count_parameters(small) / 1e6:.2f}M parameters (from {count_parameters(engine.module.hf) / 1e6:.2f}M)", flush=True)
+            else:
+                state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+                _write(engine.module.hf, _hf_state(state), tokenizer, out_dir)
     dist.barrier()
 
 
@@ -60,6 +70,15 @@ def _checkpoint_state(ckpt: Path, member: str) -> dict[str, torch.Tensor]:
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 
+def _minidisc_shape(model, run_dir: Path, member: str):
+    """A fresh model of the teacher-assistant shape MiniDisc chose in this run (its weights come from the checkpoint)."""
+    from ctcd_ds.minidisc import TABLE_FILE
+
+    table = json.loads((run_dir / TABLE_FILE).read_text())[member]
+    c = table["candidates"][table["chosen"]]
+    return type(model)(pruned_config(model.config, Widths(c["hidden"], c["heads"], c["ffn"])))
+
+
 def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     """Export every member of a joint checkpoint (frozen members are re-exported from their source)."""
     ckpt = Path(ckpt)
@@ -74,11 +93,18 @@ def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     written = {}
     for name, m in cfg.members.items():
         model = build_model(m.model, len(tokenizer), tokenizer.pad_token_id)
+        if m.minidisc.sparsities:  # the chosen teacher assistant's shape, recorded in the run directory
+            model = _minidisc_shape(model, run_dir, name)
         if m.trainable:
-            state = _hf_state(_checkpoint_state(ckpt, name))
+            full_state = _checkpoint_state(ckpt, name)
+            state = _hf_state(full_state)
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
             assert not missing and not unexpected, (missing, unexpected)
+            if m.prune.enabled:
+                masks = PruneMasks(model.config)
+                masks.load_state_dict({k[len(MASKS_PREFIX) :]: v for k, v in full_state.items() if k.startswith(MASKS_PREFIX)})
+                model = prune_bert(model, masks)
         out = Path(out_root) / name
         _write(model, model.state_dict(), tokenizer, out)
         written[name] = str(out)

@@ -18,7 +18,7 @@ from ctcd_ds import checkpoint, dist
 from ctcd_ds.config import FinetuneConfig, MemberConfig, TaskConfig
 from ctcd_ds.data import SharedLoader
 from ctcd_ds.engines import Member
-from ctcd_ds.loop import TrainingLoop
+from ctcd_ds.loop import Prediction, TrainingLoop
 from ctcd_ds.tasks import (
     Split,
     check_dev_labels,
@@ -153,10 +153,10 @@ class FinetuneTrainer(TrainingLoop):
             extra = {}
         return Classifier(AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **extra))
 
-    def _forward(self, m: Member, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, m: Member, batch: dict[str, torch.Tensor]) -> Prediction:
         with torch.set_grad_enabled(m.trainable and torch.is_grad_enabled()):
             logits = m.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-        return logits, batch["labels"].to(self.device)
+        return Prediction(logits, batch["labels"].to(self.device))
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.kind == "regression":

@@ -1,13 +1,14 @@
 """The distillation graph: named members and the edges between them.
 
-Every schedule (CTCD, one-way KD, standalone, ...) is data of this shape; the training loop only walks
-it: each member's loss is its MLM loss plus the weighted KD loss of each incoming edge.
+Every schedule (CTCD, one-way KD, standalone, DWT, Community KD, HomoDistil, MiniDisc) is data of this
+shape; the training loop only walks it: each member's loss is its MLM loss plus, for each incoming edge,
+the weighted KD loss (and the weighted hidden-state MSE where the edge asks for it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ctcd_ds.config import EdgeConfig, RunConfig
 
@@ -31,19 +32,33 @@ def scheduled_weight(schedule: str, w0: float, w1: float, steps: int, step: int)
 class Edge:
     source: str
     target: str
+    """A member, or a view of one (``student@0.5``: a sandwich sub-network of ``student``)."""
     temperature: float
     weight0: float
     schedule: str = "constant"
     weight1: float = 1.0
     schedule_steps: int = 0
+    hidden_weight: float = 0.0
+    share: float = 1.0
+    """Multiplier of both weights: 1 / (number of views) for the edges into a sandwich-trained member."""
 
     @property
     def name(self) -> str:
         return f"{self.source}->{self.target}"
 
+    @property
+    def owner(self) -> str:
+        """The member whose loss this edge joins (the target, or the member a view belongs to)."""
+        return self.target.split(VIEW_SEP)[0]
+
     def weight(self, step: int) -> float:
-        """The edge's weight at optimizer step ``step`` (0-based)."""
-        return scheduled_weight(self.schedule, self.weight0, self.weight1, self.schedule_steps, step)
+        """The edge's KD weight at optimizer step ``step`` (0-based)."""
+        return self.share * scheduled_weight(self.schedule, self.weight0, self.weight1, self.schedule_steps, step)
+
+    @property
+    def hidden(self) -> float:
+        """The edge's hidden-state MSE weight."""
+        return self.share * self.hidden_weight
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig) -> "Edge":
@@ -55,7 +70,15 @@ class Edge:
             schedule=cfg.schedule,
             weight1=cfg.final_weight,
             schedule_steps=cfg.schedule_steps,
+            hidden_weight=cfg.hidden_weight,
         )
+
+
+VIEW_SEP = "@"
+
+
+def view_name(member: str, sparsity: float) -> str:
+    return f"{member}{VIEW_SEP}{sparsity:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +86,25 @@ class Graph:
     members: tuple[str, ...]
     trainable: frozenset[str]
     edges: tuple[Edge, ...]
+    views: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Sandwich sub-networks (width sparsities) each member also runs as; absent = none."""
 
     def incoming(self, member: str) -> tuple[Edge, ...]:
-        return tuple(e for e in self.edges if e.target == member)
+        """Every edge whose loss joins ``member``'s (its views' included)."""
+        return tuple(e for e in self.edges if e.owner == member)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Graph":
+        """The run's graph; an edge into a sandwich-trained member is repeated for each of its views, every
+        copy weighted 1 / (views + 1), so the member's KD loss is the average over its full model and views."""
+        views = {n: tuple(m.minidisc.sandwich) for n, m in cfg.members.items() if m.minidisc.sandwich}
+        edges: list[Edge] = []
+        for e in map(Edge.from_config, cfg.edges):
+            targets = [e.target, *(view_name(e.target, s) for s in views.get(e.target, ()))]
+            edges += [replace(e, target=t, share=1.0 / len(targets)) for t in targets]
         return cls(
             members=tuple(cfg.members),
             trainable=frozenset(n for n, m in cfg.members.items() if m.trainable),
-            edges=tuple(Edge.from_config(e) for e in cfg.edges),
+            edges=tuple(edges),
+            views=views,
         )

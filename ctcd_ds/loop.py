@@ -11,7 +11,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,9 +22,22 @@ from ctcd_ds import checkpoint, dist, ds_config, losses
 from ctcd_ds.config import dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine
 from ctcd_ds.export import export_member
-from ctcd_ds.graph import Graph
+from ctcd_ds.graph import Graph, view_name
 from ctcd_ds.models import count_parameters
 from ctcd_ds.monitor import Monitor
+
+
+class Prediction(NamedTuple):
+    """What one member predicts for a batch: what the task and KD losses read."""
+
+    logits: torch.Tensor
+    """[rows, classes]: at the masked positions (MLM) or per example (classification)."""
+    targets: torch.Tensor
+    """[rows]: the true tokens or labels."""
+    hidden: torch.Tensor | None = None
+    """[rows, hidden] last hidden states at the same rows (MLM), for hidden-state MSE edges."""
+    hidden_keep: torch.Tensor | None = None
+    """bool [hidden]: the hidden dims the member keeps while it is being pruned (None: all)."""
 
 
 def resolve_precision(requested: str) -> str:
@@ -119,8 +132,8 @@ class TrainingLoop:
         dist.print0(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------------
-    def _forward(self, m: Member, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) of one member on a batch."""
+    def _forward(self, m: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
+        """One member's prediction on a batch (``view``: as its sandwich sub-network at that sparsity)."""
         raise NotImplementedError
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -130,17 +143,24 @@ class TrainingLoop:
         raise NotImplementedError
 
     def _micro_step(self, batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
-        logits = {}
+        preds = {}
         for name, m in self.members.items():
-            logits[name], targets = self._forward(m, batch)
-        kd = losses.edge_losses(logits, self.graph.edges, self.cfg.train.kd_loss)
+            preds[name] = self._forward(m, batch)
+            for sparsity in self.graph.views.get(name, ()):
+                preds[view_name(name, sparsity)] = self._forward(m, batch, sparsity)
+        kd = losses.edge_losses({n: p.logits for n, p in preds.items()}, self.graph.edges, self.cfg.train.kd_loss)
         for name, m in self.trainable.items():
-            own = self.task_loss(logits[name], targets)
+            own = self.task_loss(preds[name].logits, preds[name].targets)
             total = own
             stats[f"{name}/{self.task_loss_name}"] += own.detach()
-            for edge in self.graph.incoming(name):
+            for edge in self.graph.incoming(name):  # edge.target is this member or one of its views
                 total = total + edge.weight(self.step) * kd[edge]
-                stats[f"{name}/kd_loss_from_{edge.source}"] += kd[edge].detach()
+                stats[f"{edge.target}/kd_loss_from_{edge.source}"] += kd[edge].detach()
+                if edge.hidden_weight:
+                    source, target = preds[edge.source], preds[edge.target]
+                    mse = losses.hidden_mse(source.hidden, target.hidden, target.hidden_keep)
+                    total = total + edge.hidden * mse
+                    stats[f"{edge.target}/hidden_mse_from_{edge.source}"] += mse.detach()
             stats[f"{name}/total_loss"] += total.detach()
             m.engine.backward(total)
 
@@ -154,11 +174,16 @@ class TrainingLoop:
         """One optimizer step of every trainable member: ``grad_accum_steps`` shared micro-batches."""
         stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         norms: dict[str, float | None] = {}
+        member_scalars: dict[str, float] = {}
         for _ in range(self.cfg.train.grad_accum_steps):
             self._micro_step(next(batches), stats)
             for name, m in self.trainable.items():
-                if self.zero_stage == 0 and m.engine.is_gradient_accumulation_boundary():
-                    norms[name] = self._stage0_grad_norm(m)
+                if m.engine.is_gradient_accumulation_boundary():
+                    if self.zero_stage == 0:
+                        norms[name] = self._stage0_grad_norm(m)
+                    hook = getattr(m.engine.module, "before_optimizer_step", None)  # e.g. HomoDistil pruning
+                    if hook is not None:
+                        member_scalars |= {f"{name}/{k}": float(v) for k, v in hook(self.step).items()}
                 m.engine.step()
         for name, m in self.trainable.items():
             if name not in norms:
@@ -175,7 +200,7 @@ class TrainingLoop:
                 out[f"{name}/loss_scale"] = float(m.engine.optimizer.cur_scale)
         for edge in self.graph.edges:
             out[f"edge/{edge.name}/weight"] = edge.weight(self.step)
-        return out
+        return out | member_scalars
 
     def _save(self) -> Path:
         return self.checkpointer.save(

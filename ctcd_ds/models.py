@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
+
+from ctcd_ds.pruning import PruneMasks, Pruner, Sandwich
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +86,43 @@ class SparseMLM(nn.Module):
     The encoder runs on the whole block; the hidden states of the masked positions are gathered
     first and only they go through the LM head (DeepSpeed's BERT examples do the same), which
     removes most of the head's compute and memory. This module is what each DeepSpeed engine holds.
+
+    With a ``structure`` (``ctcd_ds.pruning``: a HomoDistil ``Pruner`` or a MiniDisc ``Sandwich``) the model
+    is gated by masks whose buffers live here as ``masks`` (``masks.*`` in the engine's checkpoints); a
+    pruned member exports as the physically smaller model.
     """
 
-    def __init__(self, mlm: PreTrainedModel):
+    def __init__(self, mlm: PreTrainedModel, structure: Pruner | Sandwich | None = None):
         super().__init__()
         self.hf = mlm
         mlm_head(mlm)  # fail early on a model without an MLM head
+        self.structure = structure
+        self.masks = structure.masks if structure is not None else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
-        """``predict`` is a bool [batch, seq] mask of the positions to predict -> logits [n_predict, vocab]."""
-        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mlm_head(self.hf)(hidden[predict])
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor, view: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` is a bool [batch, seq] mask of the positions to predict -> (logits [n_predict, vocab],
+        last hidden states [n_predict, hidden]). ``view`` > 0: as the sandwich sub-network at that sparsity."""
+        with self.structure.view(view) if view else contextlib.nullcontext():
+            hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[predict]
+            return mlm_head(self.hf)(hidden), hidden
+
+    @property
+    def pruned_masks(self) -> PruneMasks | None:
+        """The masks to export by (physical removal) when this member is pruned while training, else None."""
+        return self.masks if isinstance(self.structure, Pruner) else None
+
+    def hidden_keep(self, view: float = 0.0) -> torch.Tensor | None:
+        """The hidden dims this model (or its sub-network ``view``) keeps (bool), or None when it has no masks."""
+        if view:
+            return self.structure.sub_masks(view)[2]
+        return self.masks.hidden if self.masks is not None else None
+
+    def before_optimizer_step(self, step: int) -> dict[str, float]:
+        """Called by the training loop at every accumulation boundary before the engine steps, on every rank
+        (collective under ZeRO); returns scalars to log."""
+        return self.structure.before_step(step) if self.structure is not None else {}
 
 
 def remap_problems(flag: str, target: PretrainedConfig, source: PretrainedConfig) -> list[str]:

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctcd_ds import dist
+from ctcd_ds import dist, minidisc
 from ctcd_ds.config import MemberConfig, RunConfig
 from ctcd_ds.data import MaskingCollator, SharedLoader, corpus_files, eval_batches, load_blocks
 from ctcd_ds.engines import Member
-from ctcd_ds.loop import TrainingLoop
+from ctcd_ds.loop import Prediction, TrainingLoop
 from ctcd_ds.models import SparseMLM, build_model, remap_init, weight_dirs
+from ctcd_ds.pruning import SANDWICH_EMA, Pruner, Sandwich, target_widths, widths_of
 from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
 
 
@@ -41,7 +42,28 @@ class Trainer(TrainingLoop):
         if m.init_from:
             mapping = remap_init(model, m.init_from)
             dist.print0(f"{name}: layers initialised from {m.init_from} layers {[i + 1 for i in mapping]}")
-        return SparseMLM(model)
+        if m.minidisc.sparsities:
+            model = self._minidisc(name, m, model)
+        structure = None
+        if m.prune.enabled:
+            target = target_widths(model.config, m.prune.hidden_size or model.config.hidden_size, m.prune.intermediate_size or model.config.intermediate_size)
+            steps = self.cfg.train.steps
+            structure = Pruner(model, target, round(m.prune.start * steps), round(m.prune.end * steps), m.prune.every, m.prune.ema)
+            dist.print0(f"{name}: pruned while training from {widths_of(model.config)} to {target} (steps {structure.start_step}-{structure.end_step})")
+        elif m.minidisc.sandwich:
+            structure = Sandwich(model, SANDWICH_EMA)
+            dist.print0(f"{name}: sandwich training with sub-networks at width sparsities {m.minidisc.sandwich}")
+        return SparseMLM(model, structure)
+
+    def _minidisc(self, name: str, m: MemberConfig, model):
+        """MiniDisc: the best one-shot pruning of ``model`` (see ctcd_ds.minidisc); prints and saves the table."""
+        batches = iter(SharedLoader(self.loader.dataset, self.loader.collator, self.loader.batch_size, self.cfg.seed + 17))
+        score_batches = [next(batches) for _ in range(m.minidisc.batches)]
+        chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)
+        dist.print0(minidisc.table(candidates, best, m.minidisc.lam))
+        if dist.is_rank0():
+            minidisc.write_table(self.out, name, candidates, best, m.minidisc.lam)
+        return chosen
 
     def _tokenizer(self):
         cfg = self.cfg
@@ -59,13 +81,14 @@ class Trainer(TrainingLoop):
         return tok
 
     # ---------------------------------------------------------------------------------------------
-    def _forward(self, m: Member, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of one member at the batch's masked positions, and the true tokens there."""
+    def _forward(self, m: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
+        """Logits and hidden states of one member (or its sandwich sub-network ``view``) at the batch's masked
+        positions, and the true tokens there."""
         labels = batch["labels"].to(self.device)
         predict = labels != -100
         with torch.set_grad_enabled(m.trainable and torch.is_grad_enabled()):
-            logits = m.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), predict)
-        return logits, labels[predict]
+            logits, hidden = m.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), predict, view)
+        return Prediction(logits, labels[predict], hidden, m.engine.module.hidden_keep(view))
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
@@ -78,7 +101,7 @@ class Trainer(TrainingLoop):
             m.engine.eval()
             sums = torch.zeros(3, dtype=torch.float64)
             for batch in self.eval_batches:
-                logits, targets = self._forward(m, batch)
+                logits, targets, *_ = self._forward(m, batch)
                 sums += torch.tensor([F.cross_entropy(logits.float(), targets, reduction="sum").item(), (logits.argmax(-1) == targets).sum().item(), targets.numel()], dtype=torch.float64)
             loss_sum, correct, count = dist.all_reduce_sum(sums).tolist()
             if m.trainable:

@@ -12,6 +12,7 @@ from ctcd_ds.config import ConfigError, FinetuneConfig, RunConfig
 from ctcd_ds.data import corpus_files
 from ctcd_ds.graph import SCHEDULES
 from ctcd_ds.models import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
+from ctcd_ds.pruning import target_problems
 from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -93,6 +94,65 @@ def _edge_problems(cfg: RunConfig, problems: list[str]) -> None:
             problems.append(f"{flag}.final_weight={e.final_weight}: must be >= 0")
         if seen[(e.source, e.target)] > 1:
             problems.append(f"{flag}: the edge {e.source}->{e.target} is given {seen[(e.source, e.target)]} times")
+
+
+def _architecture(m, hf_configs: dict[str, object], name: str):
+    """The transformers config of a member's model (preset or loaded directory), or None if unknown."""
+    if not is_pretrained_path(m.model):
+        return model_config(m.model, vocab_size=8, pad_token_id=0)
+    return hf_configs.get(f"members.{name}.model")
+
+
+def _structure_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
+    """HomoDistil pruning, MiniDisc selection and hidden-state edges: settings the model shapes decide."""
+    zero3 = not ds_config.template_problems(cfg.deepspeed.template) and ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template)) == 3
+    for name, m in cfg.members.items():
+        flag = f"members.{name}"
+        arch = _architecture(m, hf_configs, name)
+        p, md = m.prune, m.minidisc
+        uses = [k for k, on in (("prune", p.enabled), ("minidisc.sparsities", md.sparsities), ("minidisc.sandwich", md.sandwich)) if on]
+        if uses and not m.trainable:
+            problems.append(f"{flag}.trainable=false: {uses[0]} shapes the member while it trains; it must be trainable")
+        if len(uses) > 1:
+            problems.append(f"{flag}: {' and '.join(uses)} cannot be combined; choose one")
+        if (p.enabled or md.sandwich) and zero3:
+            problems.append(f"{flag}.{'prune' if p.enabled else 'minidisc.sandwich'}: masks and importance read whole parameters, which needs ZeRO stage 0, 1 or 2; deepspeed.template={cfg.deepspeed.template} is ZeRO-3")
+        if uses and arch is not None and getattr(arch, "model_type", "bert") != "bert":
+            problems.append(f"{flag}.{uses[0]}: structured pruning supports BERT models only, not model_type={arch.model_type}")
+        if md.sandwich and not all(0 < x < 1 for x in md.sandwich):
+            problems.append(f"{flag}.minidisc.sandwich={md.sandwich}: each width sparsity must be in (0, 1)")
+        if p.enabled:
+            if arch is not None:
+                problems.extend(target_problems(f"{flag}.prune", arch, p.hidden_size or arch.hidden_size, p.intermediate_size or arch.intermediate_size))
+            if not 0 <= p.start < 1:
+                problems.append(f"{flag}.prune.start={p.start}: must be in [0, 1)")
+            if not p.start < p.end <= 1:
+                problems.append(f"{flag}.prune.end={p.end}: must be in (prune.start={p.start}, 1]")
+            elif round(p.end * cfg.train.steps) <= round(p.start * cfg.train.steps):
+                problems.append(f"{flag}.prune.end={p.end}: with train.steps={cfg.train.steps} pruning would have no step to run (start and end round to the same step)")
+            if p.every < 1:
+                problems.append(f"{flag}.prune.every={p.every}: must be >= 1")
+            if not 0 <= p.ema < 1:
+                problems.append(f"{flag}.prune.ema={p.ema}: must be in [0, 1)")
+        if md.sparsities:
+            bad = [s for s in md.sparsities if not 0 < s < 1]
+            if bad:
+                problems.append(f"{flag}.minidisc.sparsities={md.sparsities}: each must be in (0, 1)")
+            if md.lam < 0:
+                problems.append(f"{flag}.minidisc.lam={md.lam}: must be >= 0")
+            if md.batches < 1:
+                problems.append(f"{flag}.minidisc.batches={md.batches}: must be >= 1")
+    for i, e in enumerate(cfg.edges):
+        if e.hidden_weight < 0:
+            problems.append(f"edges.{i}.hidden_weight={e.hidden_weight}: must be >= 0")
+        if e.hidden_weight <= 0 or e.source not in cfg.members or e.target not in cfg.members:
+            continue
+        if any(cfg.members[n].minidisc.sparsities for n in (e.source, e.target)):
+            problems.append(f"edges.{i}.hidden_weight={e.hidden_weight}: a MiniDisc member's hidden size is chosen at run time; hidden-state MSE needs equal, known sizes")
+            continue
+        sizes = [getattr(_architecture(cfg.members[n], hf_configs, n), "hidden_size", None) for n in (e.source, e.target)]
+        if None not in sizes and sizes[0] != sizes[1]:
+            problems.append(f"edges.{i}.hidden_weight={e.hidden_weight}: {e.source} (hidden {sizes[0]}) and {e.target} (hidden {sizes[1]}) differ; hidden-state MSE needs equal hidden sizes (a member pruned while training keeps its full width)")
 
 
 def _data_problems(cfg: RunConfig, problems: list[str]) -> None:
@@ -181,6 +241,7 @@ def validate(cfg: RunConfig, problems: list[str] | None = None) -> None:
         problems.append("output_dir: must not be empty")
     hf_configs = _member_problems(cfg, problems)
     _edge_problems(cfg, problems)
+    _structure_problems(cfg, hf_configs, problems)
     _data_problems(cfg, problems)
     _vocab_problems(cfg, hf_configs, problems)
     _train_problems(cfg, problems)
@@ -203,6 +264,9 @@ def validate_finetune(cfg: FinetuneConfig, problems: list[str] | None = None) ->
         flag = f"members.{name}"
         if m.init_from:
             problems.append(f"{flag}.init_from={m.init_from}: remapping is for pre-training; fine-tuning starts from members.{name}.model")
+        for key, on in (("prune", m.prune.enabled), ("minidisc.sparsities", m.minidisc.sparsities), ("minidisc.sandwich", m.minidisc.sandwich)):
+            if on:
+                problems.append(f"{flag}.{key}: structured pruning is for pre-training (ctcd-ds pretrain); fine-tuning keeps the model's shape")
         if is_checkpoint_member(m.model):
             if not Path(m.model).is_dir():
                 problems.append(f"{flag}.model={m.model}: the checkpoint has no member '{Path(m.model).name}'")
@@ -219,6 +283,7 @@ def validate_finetune(cfg: FinetuneConfig, problems: list[str] | None = None) ->
     if len(set(vocab.values())) > 1:
         problems.append(f"members: vocabularies differ ({', '.join(f'{n}={v}' for n, v in vocab.items())}); co-distilled members must share one tokenizer")
     _edge_problems(cfg, problems)
+    problems.extend(f"edges.{i}.hidden_weight={e.hidden_weight}: hidden-state MSE is for pre-training; fine-tuning distils class logits" for i, e in enumerate(cfg.edges) if e.hidden_weight)
     t = cfg.task
     if t.glue and t.glue not in GLUE:
         problems.append(f"task.glue={t.glue}: not a GLUE task ({', '.join(GLUE)})")

@@ -10,6 +10,7 @@ import pytest
 from conftest import PYTHON, run_cli
 from ctcd_ds import ds_config
 from ctcd_ds.config import ConfigError, RunConfig, field_docs, load_config, options_help, recipe_names, to_dict
+from ctcd_ds.models import is_pretrained_path
 from ctcd_ds.tokenizer import load_tokenizer
 from ctcd_ds.validation import validate
 
@@ -56,8 +57,9 @@ def test_every_recipe_loads_and_validates(recipe, tmp_path, tokenizer_dir, monke
     frozen = [name for name, m in cfg.members.items() if not m.trainable]
     if frozen:  # recipes with a pretrained teacher name a placeholder directory the user must give
         problems = problems_of(overrides, recipe)
-        assert [p.split(":")[0] for p in problems] == [f"members.{n}.model={cfg.members[n].model}" for n in frozen], problems
-        teacher = _pretrained_dir(tmp_path, tokenizer_dir, vocab=1000)
+        placeholders = [n for n, m in cfg.members.items() if is_pretrained_path(m.model)]  # the teachers and their copies
+        assert [p.split(":")[0] for p in problems] == [f"members.{n}.model={cfg.members[n].model}" for n in placeholders], problems
+        teacher = _pretrained_dir(tmp_path, tokenizer_dir, vocab=1000, hidden=256, heads=4, ffn=1024)  # the tiny teacher's width
         load_tokenizer(tokenizer_dir).save_pretrained(str(teacher))  # an export carries its tokenizer
         overrides += [f"--members.{n}.model={teacher}" for n in frozen]
     assert problems_of(overrides, recipe) == []
@@ -91,11 +93,11 @@ def test_template_may_not_own_run_values(tmp_path):
     assert any("stage=5" in p for p in problems)
 
 
-def _pretrained_dir(tmp_path: Path, tokenizer_dir: Path, vocab: int, max_pos: int = 512) -> Path:
+def _pretrained_dir(tmp_path: Path, tokenizer_dir: Path, vocab: int, max_pos: int = 512, hidden: int = 32, heads: int = 2, ffn: int = 64) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
-    out = tmp_path / f"model_v{vocab}_p{max_pos}"
-    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_pos)).save_pretrained(out)
+    out = tmp_path / f"model_v{vocab}_p{max_pos}_h{hidden}"
+    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_pos)).save_pretrained(out)
     return out
 
 
@@ -129,6 +131,30 @@ def test_each_mistake_is_named(tmp_path, tokenizer_dir, tiny):
     assert len(by_setting) >= 8
     for override, expected in by_setting.values():
         assert any(expected in p for p in all_at_once), (override, all_at_once)
+
+
+def test_pruning_and_minidisc_mistakes_are_named(tiny):
+    cases = {
+        ("--members.teacher.prune.hidden_size=100",): "members.teacher.prune.hidden_size=100: must be a multiple of the head size 64",
+        ("--members.teacher.prune.hidden_size=512",): "members.teacher.prune.hidden_size=512: must be in 1..256",
+        ("--members.teacher.prune.intermediate_size=4096",): "members.teacher.prune.intermediate_size=4096: must be in 1..1024",
+        ("--members.teacher.prune.hidden_size=128", "--members.teacher.prune.end=1.5"): "members.teacher.prune.end=1.5: must be in (prune.start=0.0, 1]",
+        ("--members.teacher.prune.hidden_size=128", "--members.teacher.prune.start=0.5", "--members.teacher.prune.end=0.51"): "pruning would have no step to run",
+        ("--members.teacher.prune.hidden_size=128", "--deepspeed.template=zero3"): "which needs ZeRO stage 0, 1 or 2",
+        ("--members.teacher.prune.hidden_size=128", "--members.teacher.minidisc.sparsities=[0.5]"): "members.teacher: prune and minidisc.sparsities cannot be combined",
+        ("--members.student.minidisc.sandwich=[0.5,0]",): "members.student.minidisc.sandwich=[0.5, 0.0]: each width sparsity must be in (0, 1)",
+        ("--members.teacher.minidisc.sparsities=[0.5,1.2]",): "members.teacher.minidisc.sparsities=[0.5, 1.2]: each must be in (0, 1)",
+        ("--edges.0.hidden_weight=1.0",): "edges.0.hidden_weight=1.0: student (hidden 128) and teacher (hidden 256) differ",
+        ("--edges.0.hidden_weight=-1",): "edges.0.hidden_weight=-1.0: must be >= 0",
+    }
+    for overrides, expected in cases.items():
+        problems = problems_of([*tiny, *overrides])
+        assert any(expected in p for p in problems), (overrides, problems)
+
+
+def test_a_member_can_copy_another_members_model():
+    cfg = load_config("ctcd", ["--members.teacher.model=paper-teacher", "--members.student.model=teacher"])
+    assert cfg.members["student"].model == "paper-teacher"
 
 
 def test_cli_reports_all_errors_exits_2_and_writes_nothing(tmp_path, tiny):

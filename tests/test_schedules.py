@@ -1,16 +1,18 @@
-"""Distillation schedules as recipes: edge weight schedules, DWT (with remapping) and Community KD."""
+"""Distillation schedules as recipes: edge weight schedules, DWT (with remapping), Community KD, HomoDistil, MiniDisc."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from conftest import free_port, read_metrics, run, run_cli
+from conftest import PYTHON, free_port, read_metrics, run, run_cli
 from ctcd_ds.graph import scheduled_weight
-from ctcd_ds.models import build_model, remap_init
+from ctcd_ds.models import build_model, count_parameters, remap_init
+from ctcd_ds.pruning import cubic_kept
 from ctcd_ds.tokenizer import load_tokenizer
 
 
@@ -80,7 +82,73 @@ def test_community_kd_one_rank(weak_teacher, tmp_path):
     assert first["student_a/mlm_loss"] != first["student_b/mlm_loss"]  # two differently initialised students
 
 
-@pytest.mark.parametrize("recipe,member_flag", [("dwt", "weak_teacher"), ("community_kd", "teacher")])
+def _same_weights(a: Path, b: Path) -> None:
+    live, offline = AutoModelForMaskedLM.from_pretrained(a).state_dict(), AutoModelForMaskedLM.from_pretrained(b).state_dict()
+    assert live.keys() == offline.keys()
+    for k in live:
+        torch.testing.assert_close(live[k], offline[k], rtol=0, atol=0, msg=k)
+
+
+def test_homodistil_prunes_on_its_schedule_and_exports_a_smaller_model(weak_teacher, tmp_path):
+    summary, run_dir = run([*_tiny(tmp_path / "homo"), f"--members.teacher.model={weak_teacher}", "--train.steps=8",
+                            "--members.student.prune.end=0.5", "--checkpoint.every=4"], config="homodistil")
+    train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
+    progress = [(s + 1) / 4 for s in range(8)]  # start 0, end = 0.5 x 8 steps
+    assert [m["student/kept_ffn"] for m in train] == [cubic_kept(1024, 512, p) for p in progress]
+    assert [m["student/kept_hidden"] for m in train] == [cubic_kept(256, 128, p) for p in progress]
+    assert [m["student/kept_heads"] for m in train] == [cubic_kept(4, 2, p) for p in progress]
+    assert train[-1]["student/kept_hidden"] == 128 and train[3]["student/kept_ffn"] == 512
+    for m in train:  # MLM + prediction KL + hidden-state MSE, all weight 1
+        assert m["student/hidden_mse_from_teacher"] > 0
+        assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + m["student/kd_loss_from_teacher"] + m["student/hidden_mse_from_teacher"], rel=1e-5)
+    assert train[0]["student/kd_loss_from_teacher"] < 0.05  # a copy of the teacher: only dropout (and the first pruning) differ
+    student = AutoModelForMaskedLM.from_pretrained(summary["exports"]["student"])
+    c = student.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (2, 128, 2, 512)
+    teacher = AutoModelForMaskedLM.from_pretrained(weak_teacher)
+    assert count_parameters(student) < count_parameters(teacher) / 2
+    offline = tmp_path / "offline"
+    result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(offline)])
+    assert result.returncode == 0, result.stderr
+    _same_weights(Path(summary["exports"]["student"]), offline / "student")
+
+
+def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_path):
+    summary, run_dir = run([*_tiny(tmp_path / "minidisc"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"], config="minidisc")
+    table = json.loads((run_dir / "minidisc_candidates.json").read_text())["ta"]
+    rows = table["candidates"]
+    assert [r["sparsity"] for r in rows] == [0.25, 0.5, 0.75]  # one row per candidate
+    assert [(r["hidden"], r["heads"], r["ffn"]) for r in rows] == [(192, 3, 768), (128, 2, 512), (64, 1, 256)]
+    for r in rows:
+        assert r["score"] == pytest.approx(r["mlm_accuracy"] + 0.2 * r["param_sparsity"])
+        assert 0 < r["param_sparsity"] < 1
+    assert table["chosen"] == max(range(3), key=lambda i: rows[i]["score"])
+    best = rows[table["chosen"]]
+    ta = AutoModelForMaskedLM.from_pretrained(summary["exports"]["ta"])
+    assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (best["hidden"], best["heads"], best["ffn"])
+    assert count_parameters(ta) == best["params"]
+    first = read_metrics(run_dir)[0]
+    assert first["ta/kd_loss_from_teacher"] > 0 and first["student/kd_loss_from_ta"] > 0 and "teacher/total_loss" not in first
+    offline = tmp_path / "offline"
+    result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(offline)])
+    assert result.returncode == 0, result.stderr
+    _same_weights(Path(summary["exports"]["ta"]), offline / "ta")
+
+
+def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path):
+    summary, run_dir = run([*_tiny(tmp_path / "sandwich"), f"--members.teacher.model={weak_teacher}", "--train.steps=3",
+                            "--members.ta.minidisc.sparsities=[0.5]", "--members.student.minidisc.sandwich=[0.5,0.25]"], config="minidisc")
+    train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
+    for m in train:
+        views = [m["student/kd_loss_from_ta"], m["student@0.5/kd_loss_from_ta"], m["student@0.25/kd_loss_from_ta"]]
+        assert len(set(views)) == 3  # three different (sub-)networks
+        assert m["edge/ta->student@0.5/weight"] == pytest.approx(1 / 3) and m["edge/ta->student/weight"] == pytest.approx(1 / 3)
+        assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + sum(views) / 3, rel=1e-5)
+    student = AutoModelForMaskedLM.from_pretrained(summary["exports"]["student"])
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 128)  # weight-shared: the full student
+
+
+@pytest.mark.parametrize("recipe,member_flag", [("dwt", "weak_teacher"), ("community_kd", "teacher"), ("homodistil", "teacher"), ("minidisc", "teacher")])
 def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
     out = tmp_path / recipe
     result = run_cli(["bash", "launchers/pretrain.sh", "NUM_GPUS=2", f"MASTER_PORT={free_port()}", f"CONFIG={recipe}",
@@ -89,3 +157,9 @@ def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if any(k.endswith("/total_loss") for k in m)] == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("rng_rank*")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
+    if recipe == "homodistil":  # pruned to its target within the run, on both ranks alike (the export is rank 0's)
+        assert [m["student/kept_hidden"] for m in metrics if "student/kept_hidden" in m] == [cubic_kept(256, 128, p) for p in (0.5, 1.0, 1.0)]
+        c = AutoModelForMaskedLM.from_pretrained(out / "export" / "student").config
+        assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (128, 2, 512)
+    if recipe == "minidisc":
+        assert "MiniDisc candidates" in result.stdout and "<- teacher assistant" in result.stdout

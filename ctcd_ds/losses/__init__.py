@@ -6,6 +6,7 @@ softmaxes, both values and both closed-form gradients together (Triton on CUDA, 
 elsewhere); a one-way edge is the same call with the other direction's weight at 0.
 ``reference``: plain torch, one ``F.kl_div`` per edge (``reference.kd_loss``), for debugging.
 Both give the same values and gradients (tests/test_fused_kd.py, tests/test_train.py).
+:func:`hidden_mse` is the hidden-state loss of edges with a ``hidden_weight`` (HomoDistil).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 
 from ctcd_ds.graph import Edge
 from ctcd_ds.losses.fused import bidirectional_kl
-from ctcd_ds.losses.reference import kd_loss
+from ctcd_ds.losses.reference import hidden_mse, kd_loss
 
 IMPLEMENTATIONS = ("fused", "reference")
+__all__ = ["IMPLEMENTATIONS", "edge_losses", "hidden_mse"]
 
 
 def edge_losses(logits: dict[str, torch.Tensor], edges: tuple[Edge, ...], impl: str) -> dict[Edge, torch.Tensor]:

@@ -39,3 +39,19 @@ def bidirectional_kd_loss(
     ``b_to_a`` is ``kd_loss(b, a)`` (gradient into ``logits_a``).
     """
     return kd_loss(logits_a, logits_b, temperature), kd_loss(logits_b, logits_a, temperature)
+
+
+def hidden_mse(source_hidden: torch.Tensor, target_hidden: torch.Tensor, target_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between two members' hidden states ``[rows, H]`` (source detached), in float32.
+
+    With ``target_keep`` (bool ``[H]``: the dims a member being pruned still keeps) only those dims count;
+    the pruned member's hidden states are 0 elsewhere. Zero rows give a zero loss with a grad_fn.
+    """
+    assert source_hidden.shape == target_hidden.shape, (source_hidden.shape, target_hidden.shape)
+    diff = target_hidden.float() - source_hidden.detach().float()
+    if target_keep is not None:
+        diff = diff * target_keep.to(diff.dtype)
+        dims = target_keep.sum().clamp(min=1)
+    else:
+        dims = diff.shape[-1]
+    return (diff * diff).sum() / (max(diff.shape[0], 1) * dims)
