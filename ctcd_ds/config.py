@@ -74,7 +74,7 @@ class MemberConfig:
     """One model of the run: its architecture or weights, and its own optimizer."""
 
     model: str = "tiny-teacher"
-    """A model preset (see `ctcd-ds presets`), a Hugging Face model directory with pretrained weights, or the name of another member: a copy of that member's model (HomoDistil, MiniDisc)."""
+    """A model preset (see `ctcd-ds presets`), a Hugging Face model directory with pretrained weights, or the name of another member: a copy of that member's model (its weights when that is a directory, as in HomoDistil and MiniDisc; a fresh init of the same preset otherwise)."""
     trainable: bool = True
     """Train this member. A frozen member (false) must be pretrained (`model` is a directory); it only teaches."""
     init_from: str = ""
@@ -244,9 +244,12 @@ class RunConfig:
         """A member whose `model` names another member is a copy of that member's model (resolved here, so
         the rest of the code and the saved config see the preset or directory itself)."""
         for name, m in self.members.items():
-            seen = {name}
-            while m.model in self.members and m.model not in seen:  # a cycle is left for validation to report
-                seen.add(m.model)
+            chain = [name]
+            while m.model in self.members:
+                if m.model in chain:
+                    cycle = " -> ".join([*chain, m.model])
+                    raise ConfigError([f"members.{name}.model: the members copy each other's model in a cycle ({cycle}); give one of them a preset or a directory"])
+                chain.append(m.model)
                 m.model = self.members[m.model].model
 
 

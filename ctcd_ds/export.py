@@ -7,7 +7,6 @@ from a joint checkpoint (``ctcd-ds export``), where ZeRO partitions are merged i
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import yaml
 from ctcd_ds import checkpoint, dist
 from ctcd_ds.config import ConfigError, from_dict
 from ctcd_ds.models import build_model, count_parameters, save_hf
-from ctcd_ds.pruning import PruneMasks, Widths, prune_bert, pruned_config
+from ctcd_ds.minidisc import recorded_choice
+from ctcd_ds.pruning import PruneMasks, prune_bert
 from ctcd_ds.tokenizer import load_tokenizer
 
 PREFIX = "hf."  # every engine's module holds its Hugging Face model as ``.hf``
@@ -36,11 +36,11 @@ def export_member(engine: Any, tokenizer, out_dir: Path) -> None:
     params = list(engine.module.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
+    masks = getattr(engine.module, "pruned_masks", None)  # a member pruned while training (HomoDistil)
     with gather:
+        small = prune_bert(engine.module.hf, masks) if masks is not None else None  # every rank: errors raise everywhere
         if dist.is_rank0():
-            masks = getattr(engine.module, "pruned_masks", None)  # a member pruned while training (HomoDistil)
-            if masks is not None:
-                small = prune_bert(engine.module.hf, masks)
+            if small is not None:
                 _write(small, small.state_dict(), tokenizer, out_dir)
                 print(f"{out_dir.name}: pruned to {small.config.num_hidden_layers}L-{small.config.hidden_size} ({small.config.num_attention_heads} heads, "
                       f"FFN {small.config.intermediate_size}): {count_parameters(small) / 1e6:.2f}M parameters (from {count_parameters(engine.module.hf) / 1e6:.2f}M)", flush=True)
@@ -70,15 +70,6 @@ def _checkpoint_state(ckpt: Path, member: str) -> dict[str, torch.Tensor]:
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 
-def _minidisc_shape(model, run_dir: Path, member: str):
-    """A fresh model of the teacher-assistant shape MiniDisc chose in this run (its weights come from the checkpoint)."""
-    from ctcd_ds.minidisc import TABLE_FILE
-
-    table = json.loads((run_dir / TABLE_FILE).read_text())[member]
-    c = table["candidates"][table["chosen"]]
-    return type(model)(pruned_config(model.config, Widths(c["hidden"], c["heads"], c["ffn"])))
-
-
 def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     """Export every member of a joint checkpoint (frozen members are re-exported from their source)."""
     ckpt = Path(ckpt)
@@ -94,7 +85,7 @@ def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     for name, m in cfg.members.items():
         model = build_model(m.model, len(tokenizer), tokenizer.pad_token_id)
         if m.minidisc.sparsities:  # the chosen teacher assistant's shape, recorded in the run directory
-            model = _minidisc_shape(model, run_dir, name)
+            model = recorded_choice(model, run_dir, name)
         if m.trainable:
             full_state = _checkpoint_state(ckpt, name)
             state = _hf_state(full_state)

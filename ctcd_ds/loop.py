@@ -118,9 +118,13 @@ class TrainingLoop:
             seed_everything(self.cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
         self.monitor = Monitor(self.out, self.step)
 
-    def _resume(self) -> None:
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run resumes from, if any."""
         c = self.cfg.checkpoint
-        path = None if c.resume == "never" else (checkpoint.latest(self.out) if c.resume == "auto" else Path(c.resume))
+        return None if c.resume == "never" else (checkpoint.latest(self.out) if c.resume == "auto" else Path(c.resume))
+
+    def _resume(self) -> None:
+        path = self.resume_path()
         if path is None:
             return
         changed = _changed_settings(yaml.safe_load((path / "config.yaml").read_text()), to_dict(self.cfg))
@@ -158,7 +162,7 @@ class TrainingLoop:
                 stats[f"{edge.target}/kd_loss_from_{edge.source}"] += kd[edge].detach()
                 if edge.hidden_weight:
                     source, target = preds[edge.source], preds[edge.target]
-                    mse = losses.hidden_mse(source.hidden, target.hidden, target.hidden_keep)
+                    mse = losses.hidden_mse(source.hidden, target.hidden, source.hidden_keep, target.hidden_keep)
                     total = total + edge.hidden * mse
                     stats[f"{edge.target}/hidden_mse_from_{edge.source}"] += mse.detach()
             stats[f"{name}/total_loss"] += total.detach()

@@ -23,7 +23,7 @@ from transformers import BertForMaskedLM
 from ctcd_ds import dist
 from ctcd_ds.config import MiniDiscConfig
 from ctcd_ds.models import count_parameters
-from ctcd_ds.pruning import PruneMasks, one_shot_scores, prune_bert, prune_to, widths_at_sparsity
+from ctcd_ds.pruning import PruneMasks, Widths, one_shot_scores, prune_bert, prune_to, pruned_config, widths_at_sparsity
 
 TABLE_FILE = "minidisc_candidates.json"
 
@@ -60,7 +60,8 @@ def select(
     model: BertForMaskedLM, cfg: MiniDiscConfig, score_batches: list[dict[str, torch.Tensor]], eval_batches: list[dict[str, torch.Tensor]],
     device: torch.device,
 ) -> tuple[BertForMaskedLM, list[Candidate], int]:
-    """(the best candidate as a smaller model, every candidate, the index of the best). Same on every rank."""
+    """(the best candidate as a smaller model, every candidate, the index of the best). The same on every rank:
+    the structures are ranked by sensitivities summed over ranks and the accuracies are counted over ranks."""
     masks = one_shot_scores(model, score_batches, device)
     full_params = count_parameters(model)
     candidates, models = [], []
@@ -76,8 +77,20 @@ def select(
         candidates.append(Candidate(s, w.hidden, w.heads, w.ffn, params, sparsity, acc, acc + cfg.lam * sparsity))
         models.append(small)
     best = max(range(len(candidates)), key=lambda i: candidates[i].score)
-    best = dist.broadcast_object(best)  # scores agree across ranks (summed accuracy); rank 0 decides ties
+    best = dist.broadcast_object(best)  # the scores agree across ranks; rank 0 settles float ties
     return models[best], candidates, best
+
+
+def recorded_choice(model: BertForMaskedLM, run_dir: Path, member: str) -> BertForMaskedLM:
+    """A fresh model of the teacher-assistant shape this run chose earlier (resume, offline export); its
+    weights come from the member's checkpoint."""
+    path = Path(run_dir) / TABLE_FILE
+    try:
+        table = json.loads(path.read_text())[member]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: no MiniDisc choice recorded for member '{member}' ({exc!r}); it is needed to rebuild the teacher assistant's shape") from exc
+    c = table["candidates"][table["chosen"]]
+    return type(model)(pruned_config(model.config, Widths(c["hidden"], c["heads"], c["ffn"])))
 
 
 def table(candidates: list[Candidate], best: int, lam: float) -> str:

@@ -61,11 +61,10 @@ def target_widths(config: BertConfig, hidden: int, ffn: int) -> Widths:
 
 def target_problems(flag: str, config: BertConfig, hidden: int, ffn: int) -> list[str]:
     """Why ``(hidden, ffn)`` is not a reachable pruning target of ``config`` (empty if it is)."""
+    if getattr(config, "model_type", "bert") != "bert":
+        return []  # reported once, by the caller's model-type check
     problems = []
     d = head_dim(config)
-    if getattr(config, "model_type", "bert") != "bert":
-        problems.append(f"{flag}: structured pruning supports BERT models only, not model_type={config.model_type}")
-        return problems
     if not 0 < hidden <= config.hidden_size:
         problems.append(f"{flag}.hidden_size={hidden}: must be in 1..{config.hidden_size} (the model's hidden size)")
     elif hidden % d:
@@ -103,6 +102,13 @@ class PruneMasks(nn.Module):
         self.register_buffer("ffn_scores", torch.zeros(layers, w.ffn, dtype=torch.float32))
         self.register_buffer("hidden_scores", torch.zeros(w.hidden, dtype=torch.float32))
         self.register_buffer("scored_steps", torch.zeros((), dtype=torch.long))
+
+    def hidden_all_kept(self) -> bool:
+        """Whether no hidden dim is pruned; cached per version of the ``hidden`` tensor (no device sync per call)."""
+        key = (id(self.hidden), self.hidden._version)
+        if getattr(self, "_all_kept_key", None) != key:
+            self._all_kept_key, self._all_kept = key, bool(self.hidden.all())
+        return self._all_kept
 
     def kept(self) -> Widths:
         """Current per-layer sizes (heads and FFN neurons are pruned uniformly over layers)."""
@@ -150,8 +156,11 @@ def attach(model: BertForMaskedLM, masks: PruneMasks) -> list:
 
         handles.append(layer.attention.output.register_forward_pre_hook(head_gate))
         handles.append(layer.intermediate.register_forward_hook(ffn_gate))
+    def ln_gate(module, args, output):
+        return output if masks.hidden_all_kept() else masked_layer_norm(args[0], module, masks.hidden)
+
     for ln in _layer_norms(model):
-        handles.append(ln.register_forward_hook(lambda module, args, output: masked_layer_norm(args[0], module, masks.hidden)))
+        handles.append(ln.register_forward_hook(ln_gate))
     return handles
 
 
@@ -166,15 +175,16 @@ def structure_scores(
     ``[H]``, float32 on the CPU. ``grad_of(p)`` returns a parameter's full gradient (None = zero); it is called
     once per parameter, in a fixed order (under ZeRO it is a collective)."""
     bert, cfg = model.bert, model.config
-    heads = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads)
-    ffn = torch.zeros(cfg.num_hidden_layers, cfg.intermediate_size)
-    hidden = torch.zeros(cfg.hidden_size)
+    device = bert.embeddings.word_embeddings.weight.device  # sums stay on the device; three vectors come back
+    heads = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, device=device)
+    ffn = torch.zeros(cfg.num_hidden_layers, cfg.intermediate_size, device=device)
+    hidden = torch.zeros(cfg.hidden_size, device=device)
 
     def sens(p: nn.Parameter) -> torch.Tensor:
         g = grad_of(p)
         if g is None:
-            return torch.zeros(p.shape)
-        return (p.detach().float() * g.detach().float().view(p.shape)).abs().cpu()
+            return torch.zeros(p.shape, device=device)
+        return (p.detach().float() * g.detach().to(device, torch.float32).view(p.shape)).abs()
 
     def add_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None, row_groups: int = 0, target=None, layer=None):
         """Add a Linear's sensitivity: ``rows``/``cols`` get per-row / per-column sums; ``target[layer]`` gets
@@ -216,7 +226,7 @@ def structure_scores(
     add_ln(head.transform.LayerNorm)
     if head.decoder.weight is not emb.word_embeddings.weight:  # untied decoder: its columns read the hidden dims
         hidden.add_(sens(head.decoder.weight).sum(0))
-    return heads, ffn, hidden
+    return heads.cpu(), ffn.cpu(), hidden.cpu()
 
 
 def prune_lowest(keep: torch.Tensor, scores: torch.Tensor, count: int) -> None:
@@ -239,13 +249,17 @@ def prune_to(masks: PruneMasks, target: Widths) -> None:
 
 
 def update_scores(masks: PruneMasks, scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ema: float) -> bool:
-    """Fold one step's sensitivities into the smoothed scores; False (nothing changed) if any is not finite."""
+    """Fold one step's sensitivities into the smoothed scores; False (nothing changed) if any is not finite.
+
+    Each step's scores are normalised to sum 1 per kind of structure first, so a changing fp16 loss scale
+    (gradients are still scaled before the step) does not weigh some steps more than others."""
     if not all(torch.isfinite(s).all() for s in scores):
         return False
     first = int(masks.scored_steps) == 0
     with torch.no_grad():
         for buf, s in zip((masks.head_scores, masks.ffn_scores, masks.hidden_scores), scores):
-            s = s.to(buf.device, buf.dtype)
+            total = float(s.sum())
+            s = (s / total if total > 0 else s).to(buf.device, buf.dtype)
             buf.copy_(s) if first else buf.mul_(ema).add_(s, alpha=1.0 - ema)
         masks.scored_steps += 1
     return True
@@ -312,14 +326,22 @@ SANDWICH_EMA = 0.85
 class Sandwich(_Scored):
     """MiniDisc's sandwich training: the member also runs as weight-shared sub-networks at several width
     sparsities, each keeping its most important heads, FFN neurons and hidden dims by the running scores
-    (until scores exist, the first ones). The full model's masks stay all-kept."""
+    (before the first scores, ties keep the last units). The full model's masks stay all-kept."""
+
+    def __init__(self, model: BertForMaskedLM, ema: float):
+        super().__init__(model, ema)
+        self._subs: dict[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def sub_masks(self, sparsity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sub = PruneMasks(self.model.config)
-        sub.load_state_dict({k: v.cpu() for k, v in self.masks.state_dict().items()})
-        prune_to(sub, widths_at_sparsity(self.model.config, sparsity))
-        device = self.masks.heads.device
-        return sub.heads.to(device), sub.ffn.to(device), sub.hidden.to(device)
+        """(heads, ffn, hidden) masks of the sub-network at ``sparsity``, from the current scores (cached until
+        the next step's scores)."""
+        if sparsity not in self._subs:
+            sub = PruneMasks(self.model.config)
+            sub.load_state_dict({k: v.cpu() for k, v in self.masks.state_dict().items()})
+            prune_to(sub, widths_at_sparsity(self.model.config, sparsity))
+            device = self.masks.heads.device
+            self._subs[sparsity] = (sub.heads.to(device), sub.ffn.to(device), sub.hidden.to(device))
+        return self._subs[sparsity]
 
     @contextmanager
     def view(self, sparsity: float):
@@ -334,6 +356,7 @@ class Sandwich(_Scored):
 
     def before_step(self, step: int) -> dict[str, float]:
         self.score()
+        self._subs.clear()
         return {}
 
 
@@ -402,12 +425,12 @@ def prune_bert(model: BertForMaskedLM, masks: PruneMasks) -> BertForMaskedLM:
         take(f"{h}decoder.weight", None, hid)
     if f"{h}decoder.bias" in src:
         take(f"{h}decoder.bias")
-    small = BertForMaskedLM(pruned_config(model.config, kept))
+    cfg = pruned_config(model.config, kept)
+    cfg.tie_word_embeddings = model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    small = BertForMaskedLM(cfg)
     missing, unexpected = small.load_state_dict(out, strict=False)
     missing = [k for k in missing if not k.endswith("decoder.weight") and not k.endswith("decoder.bias")]  # tied
     assert not missing and not unexpected, (missing, unexpected)
-    if model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight:
-        small.config.tie_word_embeddings = False
     return small.eval()
 
 
@@ -416,7 +439,10 @@ def prune_bert(model: BertForMaskedLM, masks: PruneMasks) -> BertForMaskedLM:
 
 
 def one_shot_scores(model: BertForMaskedLM, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> PruneMasks:
-    """Masks (all kept) whose scores are the summed sensitivities of the MLM loss over ``batches``."""
+    """Masks (all kept) whose scores are the summed sensitivities of the MLM loss over ``batches``, summed over
+    ranks too (each rank scores its own batches), so every rank ranks the structures alike."""
+    from ctcd_ds import dist
+
     masks = PruneMasks(model.config)
     model.to(device).eval()  # no dropout: the sensitivities of the model as it predicts
     model.requires_grad_(True)
@@ -429,16 +455,5 @@ def one_shot_scores(model: BertForMaskedLM, batches: Iterable[dict[str, torch.Te
         totals = step if totals is None else tuple(a + b for a, b in zip(totals, step))
     model.zero_grad(set_to_none=True)
     assert totals is not None, "one_shot_scores needs at least one batch"
-    update_scores(masks, totals, ema=0.0)
+    update_scores(masks, tuple(dist.all_reduce_sum(t).float() for t in totals), ema=0.0)
     return masks
-
-
-def with_masks_applied(model: BertForMaskedLM, masks: PruneMasks, fn: Callable[[], object]):
-    """Run ``fn()`` while ``masks`` gate ``model`` (hooks removed afterwards)."""
-    handles = attach(model, masks)
-    try:
-        return fn()
-    finally:
-        for h in handles:
-            h.remove()
-

@@ -7,6 +7,8 @@ disjoint and each engine backpropagates only its own loss.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,15 @@ class Trainer(TrainingLoop):
         return SparseMLM(model, structure)
 
     def _minidisc(self, name: str, m: MemberConfig, model):
-        """MiniDisc: the best one-shot pruning of ``model`` (see ctcd_ds.minidisc); prints and saves the table."""
+        """MiniDisc: the best one-shot pruning of ``model`` (see ctcd_ds.minidisc); prints and saves the table.
+        A resumed run rebuilds the shape it chose (the weights come from the checkpoint)."""
+        resume = self.resume_path()
+        if resume is not None:
+            chosen = minidisc.recorded_choice(model, resume.parent.parent, name)
+            if dist.is_rank0() and resume.parent.parent.resolve() != self.out.resolve():  # this run's exports need it too
+                shutil.copy(resume.parent.parent / minidisc.TABLE_FILE, self.out / minidisc.TABLE_FILE)
+            dist.print0(f"{name}: the teacher assistant chosen earlier ({widths_of(chosen.config)}), from {minidisc.TABLE_FILE}")
+            return chosen
         batches = iter(SharedLoader(self.loader.dataset, self.loader.collator, self.loader.batch_size, self.cfg.seed + 17))
         score_batches = [next(batches) for _ in range(m.minidisc.batches)]
         chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)

@@ -10,9 +10,9 @@ from transformers import AutoConfig
 from ctcd_ds import checkpoint, ds_config, losses
 from ctcd_ds.config import ConfigError, FinetuneConfig, RunConfig
 from ctcd_ds.data import corpus_files
-from ctcd_ds.graph import SCHEDULES
+from ctcd_ds.graph import SCHEDULES, VIEW_SEP
 from ctcd_ds.models import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
-from ctcd_ds.pruning import target_problems
+from ctcd_ds.pruning import target_problems, widths_at_sparsity, widths_of
 from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -45,6 +45,8 @@ def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
             problems.append(f"{flag}={directory}: cannot read its config: {exc}")
     for name, m in cfg.members.items():
         flag = f"members.{name}"
+        if VIEW_SEP in name:
+            problems.append(f"{flag}: member names must not contain '{VIEW_SEP}' (it names sandwich sub-networks, e.g. student{VIEW_SEP}0.5)")
         if not is_pretrained_path(m.model) and not m.trainable:
             problems.append(f"{flag}.trainable=false: a frozen member needs pretrained weights, but model={m.model} is a preset (give a model directory)")
         if m.init_from and is_pretrained_path(m.model):
@@ -121,6 +123,17 @@ def _structure_problems(cfg: RunConfig, hf_configs: dict[str, object], problems:
             problems.append(f"{flag}.{uses[0]}: structured pruning supports BERT models only, not model_type={arch.model_type}")
         if md.sandwich and not all(0 < x < 1 for x in md.sandwich):
             problems.append(f"{flag}.minidisc.sandwich={md.sandwich}: each width sparsity must be in (0, 1)")
+        for key, values in (("sparsities", md.sparsities), ("sandwich", md.sandwich)):
+            if len(set(values)) != len(values):
+                problems.append(f"{flag}.minidisc.{key}={values}: a sparsity is given twice")
+            if arch is not None and getattr(arch, "model_type", "bert") == "bert":
+                full = [x for x in values if 0 < x < 1 and widths_at_sparsity(arch, x) == widths_of(arch)]
+                if full:
+                    problems.append(f"{flag}.minidisc.{key}: sparsity {full[0]} keeps every head and FFN neuron of this model (too small to prune anything)")
+        if md.sandwich and not any(e.target == name for e in cfg.edges):
+            problems.append(f"{flag}.minidisc.sandwich={md.sandwich}: the sub-networks only average incoming KD losses, and no edge targets {name}")
+        if p.hidden_size < 0 or p.intermediate_size < 0:
+            problems.append(f"{flag}.prune: hidden_size={p.hidden_size}, intermediate_size={p.intermediate_size}: must be >= 0 (0 = keep)")
         if p.enabled:
             if arch is not None:
                 problems.extend(target_problems(f"{flag}.prune", arch, p.hidden_size or arch.hidden_size, p.intermediate_size or arch.intermediate_size))

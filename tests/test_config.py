@@ -143,6 +143,11 @@ def test_pruning_and_minidisc_mistakes_are_named(tiny):
         ("--members.teacher.prune.hidden_size=128", "--deepspeed.template=zero3"): "which needs ZeRO stage 0, 1 or 2",
         ("--members.teacher.prune.hidden_size=128", "--members.teacher.minidisc.sparsities=[0.5]"): "members.teacher: prune and minidisc.sparsities cannot be combined",
         ("--members.student.minidisc.sandwich=[0.5,0]",): "members.student.minidisc.sandwich=[0.5, 0.0]: each width sparsity must be in (0, 1)",
+        ("--members.student.minidisc.sandwich=[0.5,0.5]",): "members.student.minidisc.sandwich=[0.5, 0.5]: a sparsity is given twice",
+        ("--members.student.minidisc.sandwich=[0.0005]",): "sparsity 0.0005 keeps every head and FFN neuron",
+        ("--members.student.minidisc.sandwich=[0.5]", "--edges=[]"): "no edge targets student",
+        ("--members.teacher.prune.hidden_size=-5",): "members.teacher.prune: hidden_size=-5, intermediate_size=0: must be >= 0",
+        ("--members.stu@dent.model=tiny-student",): "members.stu@dent: member names must not contain '@'",
         ("--members.teacher.minidisc.sparsities=[0.5,1.2]",): "members.teacher.minidisc.sparsities=[0.5, 1.2]: each must be in (0, 1)",
         ("--edges.0.hidden_weight=1.0",): "edges.0.hidden_weight=1.0: student (hidden 128) and teacher (hidden 256) differ",
         ("--edges.0.hidden_weight=-1",): "edges.0.hidden_weight=-1.0: must be >= 0",
@@ -155,6 +160,8 @@ def test_pruning_and_minidisc_mistakes_are_named(tiny):
 def test_a_member_can_copy_another_members_model():
     cfg = load_config("ctcd", ["--members.teacher.model=paper-teacher", "--members.student.model=teacher"])
     assert cfg.members["student"].model == "paper-teacher"
+    with pytest.raises(ConfigError, match=r"copy each other's model in a cycle \(teacher -> student -> teacher\)"):
+        load_config("ctcd", ["--members.teacher.model=student", "--members.student.model=teacher"])
 
 
 def test_cli_reports_all_errors_exits_2_and_writes_nothing(tmp_path, tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,8 +114,10 @@ def test_homodistil_prunes_on_its_schedule_and_exports_a_smaller_model(weak_teac
     _same_weights(Path(summary["exports"]["student"]), offline / "student")
 
 
-def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_path):
-    summary, run_dir = run([*_tiny(tmp_path / "minidisc"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"], config="minidisc")
+def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_path, capsys):
+    overrides = [*_tiny(tmp_path / "minidisc"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"]
+    summary, run_dir = run(overrides, config="minidisc")
+    assert "MiniDisc candidates" in capsys.readouterr().out
     table = json.loads((run_dir / "minidisc_candidates.json").read_text())["ta"]
     rows = table["candidates"]
     assert [r["sparsity"] for r in rows] == [0.25, 0.5, 0.75]  # one row per candidate
@@ -133,6 +136,12 @@ def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_pat
     result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(offline)])
     assert result.returncode == 0, result.stderr
     _same_weights(Path(summary["exports"]["ta"]), offline / "ta")
+    # resuming rebuilds the recorded choice instead of selecting again
+    shutil.rmtree(run_dir / "export")
+    run(overrides, config="minidisc")
+    out = capsys.readouterr().out
+    assert "MiniDisc candidates" not in out and "the teacher assistant chosen earlier" in out
+    _same_weights(offline / "ta", run_dir / "export" / "ta")
 
 
 def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path):

@@ -41,17 +41,21 @@ def bidirectional_kd_loss(
     return kd_loss(logits_a, logits_b, temperature), kd_loss(logits_b, logits_a, temperature)
 
 
-def hidden_mse(source_hidden: torch.Tensor, target_hidden: torch.Tensor, target_keep: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(
+    source_hidden: torch.Tensor, target_hidden: torch.Tensor, source_keep: torch.Tensor | None = None, target_keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean squared error between two members' hidden states ``[rows, H]`` (source detached), in float32.
 
-    With ``target_keep`` (bool ``[H]``: the dims a member being pruned still keeps) only those dims count;
-    the pruned member's hidden states are 0 elsewhere. Zero rows give a zero loss with a grad_fn.
+    ``*_keep`` (bool ``[H]``): the dims a member being pruned still keeps (its hidden states are 0 on the
+    others); only the dims both keep count. Zero rows give a zero loss with a grad_fn.
     """
     assert source_hidden.shape == target_hidden.shape, (source_hidden.shape, target_hidden.shape)
     diff = target_hidden.float() - source_hidden.detach().float()
-    if target_keep is not None:
-        diff = diff * target_keep.to(diff.dtype)
-        dims = target_keep.sum().clamp(min=1)
+    keeps = [k for k in (source_keep, target_keep) if k is not None]
+    if keeps:
+        keep = keeps[0] & keeps[1] if len(keeps) == 2 else keeps[0]
+        diff = diff * keep.to(diff.dtype)
+        dims = keep.sum().clamp(min=1)
     else:
         dims = diff.shape[-1]
     return (diff * diff).sum() / (max(diff.shape[0], 1) * dims)
