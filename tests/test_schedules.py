@@ -160,8 +160,9 @@ def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path)
 @pytest.mark.parametrize("recipe,member_flag", [("dwt", "weak_teacher"), ("community_kd", "teacher"), ("homodistil", "teacher"), ("minidisc", "teacher")])
 def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
     out = tmp_path / recipe
+    extra = ["--members.student.minidisc.sandwich=[0.5]"] if recipe == "minidisc" else []  # with the optional sandwich views
     result = run_cli(["bash", "launchers/pretrain.sh", "NUM_GPUS=2", f"MASTER_PORT={free_port()}", f"CONFIG={recipe}",
-                      *_tiny(out), "--train.steps=3", f"--members.{member_flag}.model={weak_teacher}"], timeout=600)
+                      *_tiny(out), "--train.steps=3", f"--members.{member_flag}.model={weak_teacher}", *extra], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if any(k.endswith("/total_loss") for k in m)] == [1, 2, 3]
@@ -172,3 +173,4 @@ def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
         assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (128, 2, 512)
     if recipe == "minidisc":
         assert "MiniDisc candidates" in result.stdout and "<- teacher assistant" in result.stdout
+        assert all(m["student@0.5/kd_loss_from_ta"] > 0 for m in metrics if "student/total_loss" in m)
