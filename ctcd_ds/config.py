@@ -626,6 +626,8 @@ class ExperimentConfig:
     """Pre-training steps of every variant."""
     pretrain_batch: int = 32
     """Pre-training micro-batch (blocks per rank)."""
+    pretrain_lr: float = 5e-4
+    """Peak learning rate of every member trained in pre-training."""
     variants: list[str] = field(default_factory=lambda: ["standalone", "kd", "ctcd", "community_kd"])
     """Pre-training variants to run: standalone (the pair with no edges; its teacher is the KD and Community KD teacher), kd, ctcd, community_kd."""
     temperature: float = 2.0

@@ -59,7 +59,7 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
         problems.append("variants: kd and community_kd take their teacher from the standalone run; include standalone")
     if not exp.seeds:
         problems.append("seeds: give at least one fine-tuning seed")
-    for key in ("pretrain_steps", "pretrain_batch", "finetune_steps"):
+    for key in ("pretrain_steps", "pretrain_batch", "finetune_steps", "pretrain_lr", "finetune_lr"):
         if getattr(exp, key) <= 0:
             problems.append(f"{key}={getattr(exp, key)}: must be > 0")
     return problems
@@ -101,17 +101,22 @@ class Experiment:
             common += ["--data.max_train_blocks=256", "--train.eval_batches=2", "--data.seq_len=64"]
         teacher = str(self.run_dir("standalone") / "export" / "teacher")
         tau = exp.temperature
+
+        def lr(*members: str) -> list[str]:
+            return [f"--members.{m}.lr={exp.pretrain_lr}" for m in members]
+
         if variant == "standalone":
-            return "standalone", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}"]
+            return "standalone", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}", *lr("teacher", "student")]
         if variant == "ctcd":
-            return "ctcd", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}",
+            return "ctcd", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}", *lr("teacher", "student"),
                             f"--edges.0.weight={exp.alpha}", f"--edges.1.weight={exp.beta}", f"--edges.0.temperature={tau}", f"--edges.1.temperature={tau}"]
         if variant == "kd":
-            return "kd", [*common, f"--members.teacher.model={teacher}", f"--members.student.model={small}",
+            return "kd", [*common, f"--members.teacher.model={teacher}", f"--members.student.model={small}", *lr("student"),
                           f"--edges.0.weight={exp.beta}", f"--edges.0.temperature={tau}"]
         assert variant == "community_kd", variant
         edges = [f"--edges.{i}.{k}={v}" for i in range(4) for k, v in (("weight", exp.beta), ("temperature", tau))]
-        return "community_kd", [*common, f"--members.teacher.model={teacher}", f"--members.student_a.model={small}", f"--members.student_b.model={small}", *edges]
+        return "community_kd", [*common, f"--members.teacher.model={teacher}", f"--members.student_a.model={small}", f"--members.student_b.model={small}",
+                                *lr("student_a", "student_b"), *edges]
 
     def finetune_overrides(self, model: Model, seed: int) -> list[str]:
         exp, task = self.exp, self.exp.task

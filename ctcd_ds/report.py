@@ -77,7 +77,7 @@ def write_report(exp: Experiment) -> str:
         claims.append(claim)
     cfg = exp.exp
     setup = (f"{cfg.scale} scale{' (quick)' if cfg.quick else ''}; pre-training {steps_for(cfg, 'pretrain_steps')} steps × batch "
-             f"{steps_for(cfg, 'pretrain_batch')}, τ={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "
+             f"{steps_for(cfg, 'pretrain_batch')}, lr {cfg.pretrain_lr}, τ={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "
              f"lr {cfg.finetune_lr}, seeds {cfg.seeds}; {date.today().isoformat()}")
     table = "\n".join(lines)
     text = "\n\n".join([f"# CTCD reproduction\n\n{setup}", table, "\n".join(f"- {c}" for c in claims), "![results](results.png)"]) + "\n"
