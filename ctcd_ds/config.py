@@ -622,11 +622,11 @@ class ExperimentConfig:
     """tiny (the CPU pair, 4L-256 and 2L-128) | paper (6L-768 and 4L-768, for GPUs)."""
     quick: bool = False
     """A smoke run of tens of steps (what the tests run): overrides the step counts and example limits below."""
-    pretrain_steps: int = 500
+    pretrain_steps: int = 1000
     """Pre-training steps of every variant."""
     pretrain_batch: int = 32
     """Pre-training micro-batch (blocks per rank)."""
-    pretrain_lr: float = 5e-4
+    pretrain_lr: float = 1e-3
     """Peak learning rate of every member trained in pre-training."""
     variants: list[str] = field(default_factory=lambda: ["standalone", "kd", "ctcd", "community_kd"])
     """Pre-training variants to run: standalone (the pair with no edges; its teacher is the KD and Community KD teacher), kd, ctcd, community_kd."""
