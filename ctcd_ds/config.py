@@ -633,7 +633,11 @@ class ExperimentConfig:
     temperature: float = 2.0
     """tau of every distillation edge."""
     alpha: float = 1.0
-    """CTCD weight of student -> teacher."""
+    """CTCD weight of student -> teacher (the start weight when alpha_schedule is not constant)."""
+    alpha_schedule: str = "constant"
+    """How the CTCD student -> teacher weight moves from alpha to alpha_final over the pre-training steps: constant | linear | cosine | step."""
+    alpha_final: float = 0.0
+    """The student -> teacher weight at the end of pre-training (not used by constant)."""
     beta: float = 1.0
     """CTCD (and KD, Community KD) weight of teacher -> student."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])

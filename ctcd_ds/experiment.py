@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ctcd_ds import dist
 from ctcd_ds.config import ExperimentConfig, FinetuneConfig, load_config
+from ctcd_ds.graph import SCHEDULES
 from ctcd_ds.validation import validate, validate_finetune
 
 QUICK = {"pretrain_steps": 12, "pretrain_batch": 8, "finetune_steps": 10, "max_train_examples": 512, "max_dev_examples": 128}
@@ -57,6 +58,10 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
         problems.append(f"variants={exp.variants}: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     if any(v in exp.variants for v in ("kd", "community_kd")) and "standalone" not in exp.variants:
         problems.append("variants: kd and community_kd take their teacher from the standalone run; include standalone")
+    if exp.alpha_schedule not in SCHEDULES:
+        problems.append(f"alpha_schedule={exp.alpha_schedule}: must be one of {', '.join(SCHEDULES)}")
+    if exp.alpha < 0 or exp.alpha_final < 0 or exp.beta < 0:
+        problems.append(f"alpha={exp.alpha}, alpha_final={exp.alpha_final}, beta={exp.beta}: edge weights must be >= 0")
     if not exp.seeds:
         problems.append("seeds: give at least one fine-tuning seed")
     for key in ("pretrain_steps", "pretrain_batch", "finetune_steps", "pretrain_lr", "finetune_lr"):
@@ -108,8 +113,11 @@ class Experiment:
         if variant == "standalone":
             return "standalone", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}", *lr("teacher", "student")]
         if variant == "ctcd":
-            return "ctcd", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}", *lr("teacher", "student"),
-                            f"--edges.0.weight={exp.alpha}", f"--edges.1.weight={exp.beta}", f"--edges.0.temperature={tau}", f"--edges.1.temperature={tau}"]
+            alpha = [f"--edges.0.weight={exp.alpha}", f"--edges.0.schedule={exp.alpha_schedule}"]
+            if exp.alpha_schedule != "constant":
+                alpha += [f"--edges.0.final_weight={exp.alpha_final}", f"--edges.0.schedule_steps={steps}"]
+            return "ctcd", [*common, f"--members.teacher.model={big}", f"--members.student.model={small}", *lr("teacher", "student"), *alpha,
+                            f"--edges.1.weight={exp.beta}", f"--edges.0.temperature={tau}", f"--edges.1.temperature={tau}"]
         if variant == "kd":
             return "kd", [*common, f"--members.teacher.model={teacher}", f"--members.student.model={small}", *lr("student"),
                           f"--edges.0.weight={exp.beta}", f"--edges.0.temperature={tau}"]

@@ -76,8 +76,9 @@ def write_report(exp: Experiment) -> str:
             claim += f"; vs the standalone teacher {100 * t['task_mean']:.2f} ({_verdict(a['task_mean'], t['task_mean'])})"
         claims.append(claim)
     cfg = exp.exp
+    alpha = cfg.alpha if cfg.alpha_schedule == "constant" else f"{cfg.alpha}→{cfg.alpha_final} ({cfg.alpha_schedule})"
     setup = (f"{cfg.scale} scale{' (quick)' if cfg.quick else ''}; pre-training {steps_for(cfg, 'pretrain_steps')} steps × batch "
-             f"{steps_for(cfg, 'pretrain_batch')}, lr {cfg.pretrain_lr}, τ={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "
+             f"{steps_for(cfg, 'pretrain_batch')}, lr {cfg.pretrain_lr}, τ={cfg.temperature}, α={alpha}, β={cfg.beta}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "
              f"lr {cfg.finetune_lr}, seeds {cfg.seeds}; {date.today().isoformat()}")
     table = "\n".join(lines)
     text = "\n\n".join([f"# CTCD reproduction\n\n{setup}", table, "\n".join(f"- {c}" for c in claims), "![results](results.png)"]) + "\n"

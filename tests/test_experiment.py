@@ -12,8 +12,9 @@ from ctcd_ds.experiment import MODELS, experiment_problems
 
 
 def test_bad_experiment_settings_are_named():
-    exp = load_config(None, ["--variants=[kd, ctcd, bogus]", "--scale=huge", "--seeds=[]"], root=ExperimentConfig)
+    exp = load_config(None, ["--variants=[kd, ctcd, bogus]", "--scale=huge", "--seeds=[]", "--alpha_schedule=zigzag"], root=ExperimentConfig)
     problems = experiment_problems(exp)
+    assert any("alpha_schedule=zigzag: must be one of" in p for p in problems)
     assert any("unknown bogus" in p for p in problems)
     assert any("scale=huge" in p for p in problems)
     assert any("include standalone" in p for p in problems)
