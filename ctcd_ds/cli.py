@@ -98,6 +98,10 @@ def _pretrain(config: str | None, overrides: list[str]) -> int:
     dist.print0(f"  checkpoint:  {summary['checkpoint']}")
     for name, path in summary["exports"].items():
         dist.print0(f"  export:      {path}   ({name})")
+    if summary["tokens_per_s"] is not None:
+        memory = "GPU memory allocated" if dist.device().type == "cuda" else "process RSS"
+        dist.print0(f"  throughput:  {summary['tokens_per_s']:.0f} tokens/s (all ranks, steps after the first); "
+                    f"peak {memory} {summary['peak_memory_gb']:.2f} GB on rank 0")
     dist.cleanup()
     return 0
 

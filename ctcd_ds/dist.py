@@ -79,6 +79,17 @@ def device() -> torch.device:
     return torch.device(name, local_rank()) if name != "cpu" else torch.device("cpu")
 
 
+def peak_memory_bytes() -> int:
+    """This rank's peak memory so far: what torch allocated on the GPU (``max_memory_allocated``), or on
+    a CPU-only run the process's peak resident set size (everything the process touched, not just tensors)."""
+    dev = device()
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of a float tensor over ranks, returned on the CPU (NCCL needs the tensor on the GPU)."""
     out = values.detach().to(device(), dtype=torch.float64 if device().type == "cpu" else torch.float32, copy=True)

@@ -220,16 +220,24 @@ class TrainingLoop:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.progress_label, disable=not dist.is_rank0(), dynamic_ncols=True, mininterval=1.0)
         last_ckpt = checkpoint.latest(self.out)
         window_start, window_steps = time.perf_counter(), 0
+        train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             scalars = self.train_step(batches)
             self.step += 1
             window_steps += 1
+            timed_steps += 1
+            if timed_steps:
+                train_time += time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                scalars |= {"perf/step_time_s": time.perf_counter() - t0, "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed}
+                scalars |= {
+                    "perf/step_time_s": time.perf_counter() - t0,
+                    "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+                }
                 self.monitor.write(self.step, scalars)
                 window_start, window_steps = time.perf_counter(), 0
             last = self.step == cfg.steps
@@ -238,7 +246,13 @@ class TrainingLoop:
             if self.checkpointer.due(self.step, last):
                 last_ckpt = self._save()
         bar.close()
-        return {"tensorboard": str(self.monitor.tb_dir), "checkpoint": str(last_ckpt) if last_ckpt else None}
+        return {
+            "tensorboard": str(self.monitor.tb_dir),
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
+            # training steps only (evaluation and checkpoints left out)
+            "tokens_per_s": timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None,
+            "peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+        }
 
     def export(self) -> dict[str, str]:
         """Every member as a Hugging Face directory under ``<run>/export/<name>``."""

@@ -35,6 +35,8 @@ def test_run_layout_and_summary(ctcd_run):
     assert {p.name for p in last.iterdir()} >= {"teacher", "student", "rng_rank00000.pt", "trainer_state.json", "config.yaml"}
     assert summary["checkpoint"] == str(last)
     assert set(summary["exports"]) == {"teacher", "student"}
+    assert summary["tokens_per_s"] > 0  # measured over steps 2-6
+    assert summary["peak_memory_gb"] > 0.1  # a CPU run: the process's peak RSS (torch alone is more)
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file() and (run_dir / "config.yaml").is_file()
 
 
@@ -46,7 +48,9 @@ def test_tensorboard_has_every_scalar(ctcd_run):
     for m, other in (("teacher", "student"), ("student", "teacher")):
         assert {f"{m}/mlm_loss", f"{m}/kd_loss_from_{other}", f"{m}/total_loss", f"{m}/lr", f"{m}/grad_norm"} <= tags
         assert {f"eval/{m}/mlm_loss", f"eval/{m}/perplexity", f"eval/{m}/accuracy"} <= tags
-    assert {"perf/tokens_per_s", "perf/step_time_s", "edge/student->teacher/weight"} <= tags
+    assert {"perf/tokens_per_s", "perf/step_time_s", "perf/peak_memory_gb", "edge/student->teacher/weight"} <= tags
+    peaks = [e.value for e in acc.Scalars("perf/peak_memory_gb")]
+    assert peaks == sorted(peaks) and peaks[0] > 0  # a running peak never goes down
     assert [e.step for e in acc.Scalars("teacher/total_loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in acc.Scalars("eval/student/perplexity")] == [3, 6]
 
@@ -127,3 +131,23 @@ def test_one_way_kd_with_a_frozen_pretrained_teacher(ctcd_run, tmp_path):
     frozen = AutoModelForMaskedLM.from_pretrained(teacher_dir).state_dict()
     after = AutoModelForMaskedLM.from_pretrained(run_dir / "export" / "teacher").state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@needs_cuda
+@pytest.mark.parametrize("template", ["zero2", "zero3"])
+def test_gpu_bf16_fused_and_reference_train_alike(template, tiny, tmp_path):
+    """On a GPU: bf16 CTCD through the real engines with the fused loss (the Triton kernel where installed) and
+    with the reference loss; the losses agree to bf16 accuracy, stay finite and the peak GPU memory is logged."""
+    common = [*tiny, "--train.precision=bf16", f"--deepspeed.template={template}", "--checkpoint.every=0", "--export=false"]
+    _, fused_dir = run([*common, f"--output_dir={tmp_path / 'fused'}"])
+    _, ref_dir = run([*common, f"--output_dir={tmp_path / 'reference'}", "--train.kd_loss=reference"])
+    fused = {m["step"]: m for m in read_metrics(fused_dir) if "teacher/total_loss" in m}
+    reference = {m["step"]: m for m in read_metrics(ref_dir) if "teacher/total_loss" in m}
+    assert sorted(fused) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for key in ("teacher/mlm_loss", "teacher/kd_loss_from_student", "student/kd_loss_from_teacher"):
+        assert fused[1][key] == pytest.approx(reference[1][key], rel=2e-2), key  # same weights, same batch
+        assert all(torch.isfinite(torch.tensor(m[key])) for m in fused.values())
+    assert fused[6]["perf/peak_memory_gb"] > 0
