@@ -65,6 +65,13 @@ DEFAULT_LINEAR_CHUNK_BYTES = 40 * 2**20
 (4 buffers): 85 rows at V=30522. Every chunk streams each ``[V, H]`` weight and weight-gradient matrix
 through its GEMMs, so larger chunks are faster (fewer passes over them) and cost memory."""
 
+CUDA_CHUNK_BYTES = 512 * 2**20
+""":data:`DEFAULT_CHUNK_BYTES` on a GPU (the torch path, without Triton): a few large chunks, as launches
+rather than caches are what small chunks cost there."""
+
+CUDA_LINEAR_CHUNK_BYTES = 128 * 2**20
+""":data:`DEFAULT_LINEAR_CHUNK_BYTES` on a GPU: larger GEMMs per chunk."""
+
 FP16_GRAD_MULTIPLIER = 1024.0
 """float16 buffers of :func:`bidirectional_kl` hold ``(p_a - p_b) * 1024`` (magnitude <= 1024)."""
 
@@ -407,7 +414,8 @@ def bidirectional_kl(
         elif triton:
             triton_kd.bidirectional_kl_rows(*args)
         else:
-            _torch_rows(*args, _chunk(chunk_rows, n_valid, vocab, 4, DEFAULT_CHUNK_BYTES))
+            budget = DEFAULT_CHUNK_BYTES if za.device.type == "cpu" else CUDA_CHUNK_BYTES
+            _torch_rows(*args, _chunk(chunk_rows, n_valid, vocab, 4, budget))
         kl_ab = kl_ab_rows.sum() * (tau * tau / n_valid)  # float32 (float64 for float64 inputs)
         kl_ba = kl_ba_rows.sum() * (tau * tau / n_valid)
 
@@ -566,7 +574,8 @@ def fused_linear_bidirectional_kl(
     m_mlm = 1.0 / max(n_lab, 1)  # d mlm_x / d z_x = (softmax(z_x) - onehot) * m_mlm on labelled rows
 
     acc = side_a.acc
-    c = _chunk(chunk_rows, max(n_rows, 1), vocab, 4, DEFAULT_LINEAR_CHUNK_BYTES)
+    budget = DEFAULT_LINEAR_CHUNK_BYTES if dev.type == "cpu" else CUDA_LINEAR_CHUNK_BYTES
+    c = _chunk(chunk_rows, max(n_rows, 1), vocab, 4, budget)
     ce_sum = torch.zeros(2, dtype=acc, device=dev)
     kl_sum = torch.zeros(2, dtype=acc, device=dev)
     ce_rows = torch.zeros(2, c, dtype=acc, device=dev)
