@@ -26,11 +26,22 @@ sees every allocator; it cannot see memory that was freed and reused within the 
 
 The last line is JSON with the figures for the largest shape. Timings on a shared 2-core machine are
 noisy: the load average is printed at start and end.
+
+``--device cuda`` (GPU only; not runnable on our CPU machines) runs the same comparison on the GPU, in
+``--dtype fp32`` or ``bf16`` logits: CUDA-event timings (median of ``--reps`` after warm-up) of the
+reference, the fused loss through its torch path (``fused_torch``) and through the Triton kernel with its
+default launch settings (``fused_triton``), the copy floor and the two head variants; extra memory = ``torch.cuda.max_memory_allocated``
+during the call minus the memory before it and minus the gradients it returns. The kernels' effective
+bandwidth counts the bytes the loss must move at least (read both logits, write both gradients:
+``4 * N * V * element size``) and is compared with the device's copy bandwidth, measured first
+(``torch.clone`` of 2 GiB). ``--sweep`` also times the kernel under every launch setting of
+``triton_kd.TUNING_GRID`` (block size, warps, persistent grid) at each shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -212,8 +223,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke run")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU comparison (see above)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="logits dtype (--device cuda only)")
+    parser.add_argument("--sweep", action="store_true", help="also time every Triton launch setting (--device cuda only)")
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda":
+        cuda_main(args)
+        return
+    if args.dtype != "fp32":
+        parser.error(f"--dtype={args.dtype}: only with --device cuda (the CPU comparison is in float32)")
     if args._child:
         method, n, v, h = args._child
         measure_memory_child(method, int(n), int(v), int(h))
@@ -274,6 +293,162 @@ def main() -> None:
         "memory_measure": "peak RSS delta of one call in a fresh subprocess; memory_* excludes the returned gradients",
     }
     print(json.dumps(summary))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+DEVICE = "cuda"
+
+
+def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """({method: callable}, {method: tensors whose gradients it returns}) on the GPU."""
+    from ctcd_ds.losses import triton_kd
+
+    dev = torch.device(DEVICE)
+    a, b = (t.detach().to(dev, dtype).requires_grad_() for t in logits_inputs(n, v))
+    ts, labels = head_inputs(n, v, h)
+    ts = [t.detach().to(dev, dtype).requires_grad_() for t in ts]
+    labels = labels.to(dev)
+
+    def fused(backend: str, launch: dict | None = None):
+        def call():
+            clear((a, b))
+            with triton_kd.launch_settings(**launch) if launch else contextlib.nullcontext():
+                out = bidirectional_kl(a, b, TAU, backend=backend)
+            out.loss_ab.backward()
+            out.loss_ba.backward()
+
+        return call
+
+    def head_fused():
+        clear(ts)
+        out = fused_linear_bidirectional_kl(*ts[:3], *ts[3:], labels, TAU)  # auto: Triton for the KL part
+        (out.mlm_a + out.loss_ba).backward()
+        (out.mlm_b + out.loss_ab).backward()
+
+    calls = {
+        "reference": lambda: run_reference(a, b),
+        "fused_torch": fused("torch"),
+        "fused_triton": fused("triton"),
+        "copy_floor": lambda: run_copy_floor(a, b),
+        "head_reference": lambda: run_head_reference(ts, labels),
+        "head_fused": head_fused,
+    }
+    grads = {m: ts if m.startswith("head") else (a, b) for m in calls}
+    sweep = {launch_name(c): fused("triton", c) for c in triton_kd.TUNING_GRID}
+    return calls, grads, sweep
+
+
+def launch_name(c: dict) -> str:
+    return "b{block}-w{warps}-p{programs_per_sm}".format(**c)
+
+
+def cuda_time(fn, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs, by CUDA events, after 2 warm-up runs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def cuda_memory(fn, grads) -> tuple[int, int]:
+    """(peak bytes allocated during one call above what was allocated before it, bytes of returned grads)."""
+    clear(grads)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    outputs = sum(t.grad.numel() * t.grad.element_size() for t in grads if t.grad is not None)
+    return peak, outputs
+
+
+def device_copy_bandwidth() -> float:
+    """Bytes/s of ``clone`` on a 2 GiB tensor (read + write counted), median of 10."""
+    x = torch.empty(2**29, dtype=torch.float32, device=DEVICE)
+    seconds = cuda_time(lambda: x.clone(), 10)
+    return 2 * x.numel() * 4 / seconds
+
+
+def cuda_main(args) -> None:
+    from ctcd_ds.losses import triton_kd
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.quick:
+        args.rows, args.vocab, args.hidden, args.reps = [64, 256], [512, 2048], 32, 2
+    props = torch.cuda.get_device_properties(0)
+    bw = device_copy_bandwidth()
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"tau={TAU}, logits {args.dtype}, hidden={args.hidden}, reps={args.reps}; time = forward + both backwards, median")
+    header = (
+        f"{'N':>5} {'V':>6}  {'method':<17} {'time_ms':>8} {'vs_ref':>7} {'vs_copy':>8} {'TB/s':>6} {'of_copy_bw':>10} "
+        f"{'extra_MB':>9} {'extra/logits':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    best_launch = {}
+    for n in args.rows:
+        for v in args.vocab:
+            calls, grads, sweep = cuda_calls(n, v, args.hidden, dtype)
+            times = {m: cuda_time(fn, args.reps) for m, fn in calls.items()}
+            logits_bytes = n * v * dtype.itemsize
+            if args.sweep:
+                swept = {c: cuda_time(fn, args.reps) for c, fn in sweep.items()}
+                for c, t in sorted(swept.items(), key=lambda kv: kv[1]):
+                    print(f"{n:>5} {v:>6}  sweep {c:<20} {1000 * t:8.3f} ms {4 * logits_bytes / t / bw:6.2f} of copy bandwidth")
+                best_launch[(n, v)] = min(swept, key=swept.get), 4 * logits_bytes / min(swept.values()) / bw
+            for m, fn in calls.items():
+                peak, outputs = cuda_memory(fn, grads[m])
+                head = m.startswith("head")
+                moved = 4 * logits_bytes  # read both logits, write both gradients
+                row = dict(N=n, V=v, method=m, time_s=times[m])
+                row["vs_ref"] = times["head_reference" if head else "reference"] / times[m]
+                row["vs_copy"] = None if head else times[m] / times["copy_floor"]
+                row["tb_per_s"] = None if head else moved / times[m] / 1e12
+                row["of_copy_bw"] = None if head else moved / times[m] / bw
+                row["extra_MB"] = (peak - outputs) / 2**20
+                row["extra_vs_logits"] = (peak - outputs) / logits_bytes
+                rows.append(row)
+                print(
+                    f"{n:>5} {v:>6}  {m:<17} {1000 * row['time_s']:>8.3f} {row['vs_ref']:>6.1f}x {fmt(row['vs_copy'], '7.2f')}x "
+                    f"{fmt(row['tb_per_s'], '6.2f')} {fmt(row['of_copy_bw'], '10.2f')} {row['extra_MB']:>9.1f} {row['extra_vs_logits']:>12.3f}"
+                )
+            del calls, grads, sweep
+            torch.cuda.empty_cache()
+
+    n, v = max(args.rows), max(args.vocab)
+    r = {row["method"]: row for row in rows if row["N"] == n and row["V"] == v}
+    best = "fused_triton"
+    if best_launch:
+        print("best launch per shape: " + ", ".join(f"{k[0]}x{k[1]} {c} ({f:.2f})" for k, (c, f) in best_launch.items()))
+    print(json.dumps({
+        "device": props.name,
+        "dtype": args.dtype,
+        "shape": [n, v],
+        "copy_bandwidth_tb_s": rnd(bw / 1e12),
+        "launch": dict(block=triton_kd.BLOCK_V, warps=triton_kd.NUM_WARPS, programs_per_sm=triton_kd.PROGRAMS_PER_SM),
+        "best_swept_launch": best_launch.get((n, v), (None,))[0],
+        "best_swept_bandwidth_vs_copy": rnd(best_launch[(n, v)][1]) if (n, v) in best_launch else None,
+        "speedup_vs_reference": rnd(r[best]["vs_ref"]),
+        "time_vs_copy_floor": rnd(r[best]["vs_copy"]),
+        "bandwidth_vs_copy": rnd(r[best]["of_copy_bw"]),
+        "memory_vs_logits": rnd(r[best]["extra_vs_logits"], 3),
+        "torch_path_speedup_vs_reference": rnd(r["fused_torch"]["vs_ref"]),
+        "head_speedup_vs_reference": rnd(r["head_fused"]["vs_ref"]),
+        "head_memory_vs_logits": rnd(r["head_fused"]["extra_vs_logits"], 3),
+        "head_reference_memory_vs_logits": rnd(r["head_reference"]["extra_vs_logits"], 3),
+        "times_ms": {m: rnd(1000 * row["time_s"], 3) for m, row in r.items()},
+    }))
 
 
 def fmt(x, spec: str) -> str:

@@ -1,8 +1,9 @@
 """Co-training step time vs the two members trained alone, on the same batches, in one process.
 
-    python benchmarks/step.py [--reps 20] [--section.key=value ...]
+    python benchmarks/step.py [--reps 20] [--config ctcd] [--section.key=value ...]
 
-Builds four runs of the same tiny pair through the real engines: CTCD (teacher <-> student) with the
+Builds four runs of the same pair (the ``--config`` recipe's teacher and student: the tiny pair by default,
+``--config ctcd_paper`` for 6L-768 <-> 4L-768) through the real engines: CTCD (teacher <-> student) with the
 default fused KD loss, CTCD with the plain-torch reference loss (``train.kd_loss=reference``), the
 teacher alone, the student alone; times one optimizer step of each, interleaved round-robin on
 identical batches, and prints medians, tokens/s, the ratio ``ctcd / (teacher + student)`` (target
@@ -28,9 +29,9 @@ from ctcd_ds.trainer import Trainer  # noqa: E402
 from ctcd_ds.validation import validate  # noqa: E402
 
 
-def build(name: str, out: Path, overrides: list[str], alone: str | None = None) -> Trainer:
-    """The default CTCD run, or (``alone``) just that member with no edges."""
-    cfg = load_config("ctcd", [*overrides, f"--output_dir={out / name}"])
+def build(config: str, name: str, out: Path, overrides: list[str], alone: str | None = None) -> Trainer:
+    """The recipe's CTCD run, or (``alone``) just that member with no edges."""
+    cfg = load_config(config, [*overrides, f"--output_dir={out / name}"])
     if alone:
         cfg.members = {alone: cfg.members[alone]}
         cfg.edges = []
@@ -42,14 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--config", default="ctcd", help="a recipe with a teacher and a student (e.g. ctcd_paper)")
     args, overrides = parser.parse_known_args()
     dist.init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
-            "ctcd": build("ctcd", Path(tmp), overrides),
-            "ctcd_ref": build("ctcd_ref", Path(tmp), [*overrides, "--train.kd_loss=reference"]),
-            "teacher": build("teacher", Path(tmp), overrides, alone="teacher"),
-            "student": build("student", Path(tmp), overrides, alone="student"),
+            "ctcd": build(args.config, "ctcd", Path(tmp), overrides),
+            "ctcd_ref": build(args.config, "ctcd_ref", Path(tmp), [*overrides, "--train.kd_loss=reference"]),
+            "teacher": build(args.config, "teacher", Path(tmp), overrides, alone="teacher"),
+            "student": build(args.config, "student", Path(tmp), overrides, alone="student"),
         }
         loader = iter(runs["ctcd"].loader)
         batches = [next(loader) for _ in range(args.warmup + args.reps)]
@@ -75,8 +77,12 @@ def main() -> None:
         "ctcd_tokens_per_s": round(tokens / med["ctcd"], 1),
         "fused_over_reference_tokens_per_s": round(med["ctcd_ref"] / med["ctcd"], 4),
         "kd_loss": runs["ctcd"].cfg.train.kd_loss,
+        "config": args.config,
+        "precision": runs["ctcd"].precision,
+        "device": str(runs["ctcd"].device),
         "target": 1.05,
     }))
+    dist.cleanup()
 
 
 if __name__ == "__main__":
