@@ -10,8 +10,8 @@ The kernel's logic also runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``
 One program per row (or a persistent grid looping over rows, :data:`PROGRAMS_PER_SM`): pass 1 streams
 both rows over V in blocks with an online softmax (running max and sum for a and b, plus the running sums
 of ``exp(x_a - m_a) * (x_a - x_b)`` and ``exp(x_b - m_b) * (x_a - x_b)``), which gives both log-sum-exps
-and both KL values; pass 2 streams V again and writes ``grad_a = (p_a - p_b) * ka`` and ``grad_b = (p_a - p_b) * kb``.
-Math in float32 for any input dtype.
+and both KL values; pass 2 streams V again and writes ``grad_a = (p_a - p_b) * ka`` and
+``grad_b = (p_a - p_b) * kb``. Math in float32 for any input dtype.
 
 Importing this module never fails: ``TRITON_AVAILABLE`` says whether the kernel can be used.
 """
