@@ -422,7 +422,7 @@ def test_cuda_matches_reference(backend, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("launch", triton_kd.TUNING_GRID, ids=lambda c: "b{block}-w{warps}-p{programs_per_sm}".format(**c))
+@pytest.mark.parametrize("launch", triton_kd.TUNING_GRID, ids=lambda c: triton_kd.launch_name(**c))
 def test_triton_kernel_matches_torch_path(launch):
     """Every launch setting the benchmark may pick; 30522 columns = a partial last block for each block size."""
     a, b = _logits(129 if launch["programs_per_sm"] is None else 1031, 30522, 4.0, seed=16)

@@ -51,6 +51,11 @@ TUNING_GRID = tuple(
 defaults above are one of them."""
 
 
+def launch_name(block: int, warps: int, programs_per_sm: int | None) -> str:
+    """A launch setting as ``b<block>-w<warps>-p<programs per SM>`` (test ids, benchmark rows)."""
+    return f"b{block}-w{warps}-p{programs_per_sm}"
+
+
 @contextmanager
 def launch_settings(block: int, warps: int, programs_per_sm: int | None):
     """Use these launch settings inside the block (tests and benchmarks; not thread-safe)."""
@@ -168,4 +173,4 @@ def bidirectional_kl_rows(za, zb, rows, inv_tau, ka, kb, grad_a, grad_b, kl_ab_r
     )
 
 
-__all__ = ["TRITON_AVAILABLE", "BLOCK_V", "NUM_WARPS", "PROGRAMS_PER_SM", "TUNING_GRID", "bidirectional_kl_rows", "launch_settings"]
+__all__ = ["TRITON_AVAILABLE", "BLOCK_V", "NUM_WARPS", "PROGRAMS_PER_SM", "TUNING_GRID", "bidirectional_kl_rows", "launch_name", "launch_settings"]
