@@ -1,11 +1,15 @@
-"""Bidirectional KD loss: reference vs fused (chunked) vs fused LM head, time and extra memory, one process.
+"""Bidirectional KD loss: torch baselines vs fused (chunked) vs fused LM head, time and extra memory.
 
     python benchmarks/kd_loss.py [--rows 1024 4096] [--vocab 8192 30522] [--hidden 256] [--reps 3] [--quick]
 
 For every (rows N, vocab V) it times forward + both backwards (median of ``--reps``, methods interleaved
 round-robin, after one warm-up each) of:
 
-  reference        ``kd_loss(a, b)`` and ``kd_loss(b, a)`` (two ``F.kl_div``) on full fp32 logits
+  reference        ``kd_loss(a, b)`` and ``kd_loss(b, a)`` (two ``F.kl_div``, four log-softmaxes) on full fp32
+                   logits: the naive baseline
+  torch_shared_lsm what a careful torch user writes (:func:`shared_log_softmax_kl`): one ``log_softmax`` per
+                   side, ``p = exp(log p)``, both KL directions from those, both gradients by autograd (each
+                   direction's source detached as in ``kd_loss``: ``loss_ab`` reaches only b, ``loss_ba`` only a)
   fused            ``bidirectional_kl`` (torch chunked path)
   copy floor       ``a.clone(); b.clone()``: reading both logits once and writing two fresh tensors of the
                    same size, which is what the fused loss must at least do (its two gradients). Fresh
@@ -24,17 +28,25 @@ the logits methods; the hidden/weight/bias gradients for the head methods), i.e.
 beyond its inputs and its outputs. Ratios are to one ``N x V`` float32 tensor. RSS is page-granular and
 sees every allocator; it cannot see memory that was freed and reused within the call (that is the point).
 
+The gradients of every logits method (baselines and fused) are checked against the reference's before
+timing. ``vs_ref`` is the speed
+relative to the naive reference, ``vs_best`` relative to the fastest baseline of the shape, ``mem_vs_best`` the
+extra memory relative to the smallest of the baselines' (for the head methods the only baseline is
+``head_reference``); a line per shape then compares the fused loss with the best baseline.
+
 The last line is JSON with the figures for the largest shape. Timings on a shared 2-core machine are
-noisy: the load average is printed at start and end.
+noisy: the load average is printed at start and end. ``--quick``: tiny shapes, a smoke run.
 
 ``--device cuda`` (GPU only; not runnable on our CPU machines) runs the same comparison on the GPU, in
 ``--dtype fp32`` or ``bf16`` logits: CUDA-event timings (median of ``--reps`` after warm-up) of the
-reference, the fused loss through its torch path (``fused_torch``) and through the Triton kernel with its
-default launch settings (``fused_triton``), the copy floor and the two head variants; extra memory = ``torch.cuda.max_memory_allocated``
-during the call minus the memory before it and minus the gradients it returns. The kernels' effective
-bandwidth counts the bytes the loss must move at least (read both logits, write both gradients:
-``4 * N * V * element size``) and is compared with the device's copy bandwidth, measured first
-(``torch.clone`` of 2 GiB). ``--sweep`` also times the kernel under every launch setting of
+reference, ``torch_shared_lsm`` eagerly and under ``torch.compile`` (``torch_compiled``; skipped with a
+note if compilation fails, or with ``--no-compile``; compile time is not timed), the fused loss through its
+torch path (``fused_torch``) and through the Triton kernel with its default launch settings
+(``fused_triton``), the copy floor and the two head variants; extra memory =
+``torch.cuda.max_memory_allocated`` during the call minus the memory before it and minus the gradients it
+returns. The kernels' effective bandwidth counts the bytes the loss must move at least (read both logits,
+write both gradients: ``4 * N * V * element size``) and is compared with the device's copy bandwidth,
+measured first (``torch.clone`` of 2 GiB). ``--sweep`` also times the kernel under every launch setting of
 ``triton_kd.TUNING_GRID`` (block size, warps, persistent grid) at each shape.
 """
 
@@ -57,13 +69,16 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ctcd_ds.losses.fused import bidirectional_kl, fused_linear_bidirectional_kl  # noqa: E402
-from ctcd_ds.losses.reference import kd_loss  # noqa: E402
+from ctcd_ds.losses import bidirectional_kl, fused_linear_bidirectional_kl, kd_loss, triton_kd  # noqa: E402
 
 TAU = 2.0
-QUICK_SHAPES = dict(rows=[64, 256], vocab=[512, 2048], hidden=32)
-"""``--quick``: tiny shapes for a smoke run (CPU and CUDA)."""
-METHODS = ("reference", "fused", "copy_floor", "copy_into", "head_reference", "head_fused")
+QUICK_SHAPES = {"rows": [64, 256], "vocab": [2048], "hidden": 32}
+"""``--quick``: tiny shapes for a smoke run (CPU and CUDA), with :data:`QUICK_REPS` reps."""
+QUICK_REPS = 3
+METHODS = ("reference", "torch_shared_lsm", "fused", "copy_floor", "copy_into", "head_reference", "head_fused")
+BASELINES = ("reference", "torch_shared_lsm", "torch_compiled")
+"""The torch implementations of the logits loss the fused one is compared with (``torch_compiled``: CUDA)."""
+HEAD_BASELINES = ("head_reference",)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -103,6 +118,30 @@ def run_reference(a, b):
     kd_loss(b, a, TAU).backward()
 
 
+def shared_log_softmax_kl(a: torch.Tensor, b: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss_ab, loss_ba)`` as ``kd_loss(a, b, tau)`` and ``kd_loss(b, a, tau)``, from one log-softmax per side.
+
+    ``loss_ab = tau^2 * sum p_a * (log p_a - log p_b) / N`` with ``p_a`` and ``log p_a`` detached, so its gradient
+    reaches only ``b``; ``loss_ba`` symmetrically reaches only ``a``. Each side's ``log_softmax`` (computed in
+    float32) is shared by both directions, and ``p = exp(log p)`` is taken from the detached log-probabilities.
+    """
+    la = F.log_softmax(a.float() / tau, dim=-1)
+    lb = F.log_softmax(b.float() / tau, dim=-1)
+    la_src, lb_src = la.detach(), lb.detach()
+    pa, pb = la_src.exp(), lb_src.exp()
+    scale = tau * tau / max(a.shape[0], 1)
+    loss_ab = (pa * (la_src - lb)).sum() * scale
+    loss_ba = (pb * (lb_src - la)).sum() * scale
+    return loss_ab, loss_ba
+
+
+def run_shared(a, b, fn=shared_log_softmax_kl):
+    """Forward, and both gradients in one backward call (the two graphs are disjoint, so this costs what one
+    backward per loss would; it also works for a compiled ``fn``, whose losses share one autograd node)."""
+    clear((a, b))
+    torch.autograd.backward(fn(a, b, TAU))
+
+
 def run_fused(a, b):
     clear((a, b))
     out = bidirectional_kl(a, b, TAU, backend="torch")
@@ -135,18 +174,66 @@ def run_head_fused(ts, labels):
 
 
 def make_calls(n: int, v: int, h: int):
-    """{method: zero-argument callable}, sharing the inputs."""
+    """({method: zero-argument callable}, the logits inputs), the methods sharing the inputs."""
     a, b = logits_inputs(n, v)
     ts, labels = head_inputs(n, v, h)
     out = (torch.zeros_like(a), torch.zeros_like(b))
-    return {
+    calls = {
         "reference": lambda: run_reference(a, b),
+        "torch_shared_lsm": lambda: run_shared(a, b),
         "fused": lambda: run_fused(a, b),
         "copy_floor": lambda: run_copy_floor(a, b),
         "copy_into": lambda: run_copy_into(a, b, out),
         "head_reference": lambda: run_head_reference(ts, labels),
         "head_fused": lambda: run_head_fused(ts, labels),
     }
+    return calls, (a, b)
+
+
+def check_gradients(calls: dict, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    """Exit with an error unless every logits method gives the reference's gradients (max abs difference
+    within ``tol`` times the largest reference entry, per input)."""
+    calls["reference"]()
+    want = a.grad.float().clone(), b.grad.float().clone()
+    for m, fn in calls.items():
+        if m == "reference" or m.startswith(("head", "copy")):
+            continue
+        fn()
+        for name, t, w in (("a", a, want[0]), ("b", b, want[1])):
+            err = (t.grad.float() - w).abs().max().item()
+            if not err <= tol * w.abs().max().item():
+                sys.exit(f"{m}: gradient of {name} differs from the reference's by {err:.3g} (N={a.shape[0]})")
+
+
+def best_of(rows: dict, methods, key: str):
+    """(method, value) with the smallest ``rows[m][key]`` among ``methods`` present with a positive figure."""
+    have = [(rows[m][key], m) for m in methods if m in rows and rows[m][key] is not None and rows[m][key] > 0]
+    return (min(have)[1], min(have)[0]) if have else (None, None)
+
+
+def add_comparisons(rows: dict) -> None:
+    """Fill each row's ``vs_ref``, ``vs_best`` (speed relative to the naive / the fastest baseline) and
+    ``mem_vs_best`` (extra memory relative to the baselines' smallest) for the rows of one shape."""
+    for m, row in rows.items():
+        head = m.startswith("head")
+        baselines = HEAD_BASELINES if head else BASELINES
+        _, best_time = best_of(rows, baselines, "time_s")
+        _, best_mem = best_of(rows, baselines, "extra_MB")
+        row["vs_ref"] = rows["head_reference" if head else "reference"]["time_s"] / row["time_s"]
+        row["vs_best"] = best_time / row["time_s"]
+        extra = row.get("extra_MB")
+        row["mem_vs_best"] = None if extra is None or best_mem is None else extra / best_mem
+
+
+def print_fused_vs_best(n: int, v: int, rows: dict, fused: str) -> None:
+    """One line: the fused loss against the fastest and the leanest baseline of this shape."""
+    t_name, t_best = best_of(rows, BASELINES, "time_s")
+    m_name, m_best = best_of(rows, BASELINES, "extra_MB")
+    f = rows[fused]
+    line = f"N={n} V={v}: {fused} is {t_best / f['time_s']:.2f}x the speed of the fastest baseline ({t_name})"
+    if m_name is not None and f.get("extra_MB") is not None:
+        line += f", with {f['extra_MB'] / m_best:.2f}x the extra memory of the leanest ({m_name})"
+    print(line)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -169,7 +256,13 @@ def measure_memory_child(method: str, n: int, v: int, h: int) -> None:
             fn = run_head_reference if method == "head_reference" else run_head_fused
             return (lambda: fn(ts, labels)), ts
         a, b = logits_inputs(n, v)
-        fn = {"reference": run_reference, "fused": run_fused, "copy_floor": run_copy_floor}[method]
+        fns = {
+            "reference": run_reference,
+            "torch_shared_lsm": run_shared,
+            "fused": run_fused,
+            "copy_floor": run_copy_floor,
+        }
+        fn = fns[method]
         return (lambda: fn(a, b)), (a, b)
 
     warm, _ = setup(8, 64, 8)  # one-time library initialisation is not the method's memory
@@ -223,11 +316,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 30522])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps: a smoke run")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU comparison (see above)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="logits dtype (--device cuda only)")
-    parser.add_argument("--sweep", action="store_true", help="also time every Triton launch setting (--device cuda only)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time every Triton launch setting (--device cuda only)"
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile baseline (--device cuda only)"
+    )
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda":
@@ -240,53 +338,68 @@ def main() -> None:
         measure_memory_child(method, int(n), int(v), int(h))
         return
     if args.quick:
-        vars(args).update(QUICK_SHAPES, reps=1)
+        vars(args).update(QUICK_SHAPES, reps=QUICK_REPS)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"tau={TAU}, hidden={args.hidden}, reps={args.reps}; time = forward + both backwards, median")
     print("memory: peak RSS delta of one call in a fresh subprocess; 'extra' = peak minus the gradients it returns")
+    print("vs_ref / vs_best: speed relative to the naive reference / the fastest baseline; mem_vs_best: extra memory")
+    print("relative to the leanest baseline (head rows: relative to head_reference); torch.compile baseline: CUDA only")
     header = (
-        f"{'N':>5} {'V':>6}  {'method':<15} {'time_s':>8} {'vs_ref':>7} {'vs_copy':>8} "
-        f"{'peak_MB':>8} {'extra_MB':>9} {'extra/logits':>12}"
+        f"{'N':>5} {'V':>6}  {'method':<17} {'time_s':>8} {'vs_ref':>7} {'vs_best':>8} {'vs_copy':>8} "
+        f"{'peak_MB':>8} {'extra_MB':>9} {'extra/logits':>12} {'mem_vs_best':>11}"
     )
     print(header)
     print("-" * len(header))
-    rows = []
+    all_rows = []
     for n in args.rows:
         for v in args.vocab:
-            calls = make_calls(n, v, args.hidden)
+            calls, (a, b) = make_calls(n, v, args.hidden)
+            check_gradients(calls, a, b, tol=1e-4)
             times = time_methods(calls, args.reps)
-            del calls
+            del calls, a, b
             logits_bytes = n * v * 4
+            rows = {}
             for m in METHODS:
                 mem = None if args.no_memory or m == "copy_into" else measure_memory(m, n, v, args.hidden)
                 head = m.startswith("head")
-                row = dict(N=n, V=v, method=m, time_s=times[m])
-                row["vs_ref"] = times["head_reference" if head else "reference"] / times[m]
+                row = {"N": n, "V": v, "method": m, "time_s": times[m]}
                 row["vs_copy"] = None if head else times[m] / times["copy_floor"]
                 row["peak_MB"] = mem and mem["peak"] / 2**20
                 row["extra_MB"] = mem and (mem["peak"] - mem["outputs"]) / 2**20
                 row["extra_vs_logits"] = mem and (mem["peak"] - mem["outputs"]) / logits_bytes
                 row["peak_vs_logits"] = mem and mem["peak"] / logits_bytes
-                rows.append(row)
+                rows[m] = row
+            add_comparisons(rows)
+            for m, row in rows.items():
                 print(
-                    f"{n:>5} {v:>6}  {m:<15} {row['time_s']:>8.3f} {row['vs_ref']:>6.1f}x {fmt(row['vs_copy'], '7.2f')}x "
-                    f"{fmt(row['peak_MB'], '8.0f')} {fmt(row['extra_MB'], '9.0f')} {fmt(row['extra_vs_logits'], '12.3f')}"
+                    f"{n:>5} {v:>6}  {m:<17} {row['time_s']:>8.3f} {row['vs_ref']:>6.2f}x {row['vs_best']:>7.2f}x "
+                    f"{fmt(row['vs_copy'], '7.2f')}x {fmt(row['peak_MB'], '8.0f')} {fmt(row['extra_MB'], '9.0f')} "
+                    f"{fmt(row['extra_vs_logits'], '12.3f')} {fmt(row['mem_vs_best'], '10.2f')}x"
                 )
+            print_fused_vs_best(n, v, rows, "fused")
+            all_rows += rows.values()
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
     n, v = max(args.rows), max(args.vocab)
-    r = {row["method"]: row for row in rows if row["N"] == n and row["V"] == v}
+    r = {row["method"]: row for row in all_rows if row["N"] == n and row["V"] == v}
+    fastest, _ = best_of(r, BASELINES, "time_s")
+    leanest, _ = best_of(r, BASELINES, "extra_MB")
     summary = {
         "shape": [n, v],
         "hidden": args.hidden,
         "threads": torch.get_num_threads(),
         "speedup_vs_reference": rnd(r["fused"]["vs_ref"]),
+        "fastest_baseline": fastest,
+        "speedup_vs_fastest_baseline": rnd(r["fused"]["vs_best"]),
+        "leanest_baseline": leanest,
+        "memory_vs_leanest_baseline": rnd(r["fused"]["mem_vs_best"]),
         "time_vs_copy_floor": rnd(r["fused"]["vs_copy"]),
         "time_vs_copy_into_existing": rnd(r["fused"]["time_s"] / r["copy_into"]["time_s"]),
         "memory_vs_logits": rnd(r["fused"]["extra_vs_logits"], 3),
         "memory_with_grads_vs_logits": rnd(r["fused"]["peak_vs_logits"], 3),
         "reference_memory_vs_logits": rnd(r["reference"]["extra_vs_logits"], 3),
+        "torch_shared_lsm_memory_vs_logits": rnd(r["torch_shared_lsm"]["extra_vs_logits"], 3),
         "head_speedup_vs_reference": rnd(r["head_fused"]["vs_ref"]),
         "head_memory_vs_logits": rnd(r["head_fused"]["extra_vs_logits"], 3),
         "head_memory_with_grads_vs_logits": rnd(r["head_fused"]["peak_vs_logits"], 3),
@@ -302,11 +415,9 @@ def main() -> None:
 DEVICE = "cuda"
 
 
-def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
-    """({method: callable}, {method: tensors whose gradients it returns}, {launch name: the kernel under it})
-    on the GPU."""
-    from ctcd_ds.losses import triton_kd
-
+def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype, compile_baseline: bool):
+    """({method: callable}, {method: tensors whose gradients it returns}, {launch name: the kernel under it},
+    the logits inputs) on the GPU."""
     dev = torch.device(DEVICE)
     a, b = (t.detach().to(dev, dtype).requires_grad_() for t in logits_inputs(n, v))
     ts, labels = head_inputs(n, v, h)
@@ -331,15 +442,29 @@ def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype) -> tuple[dict, dict, 
 
     calls = {
         "reference": lambda: run_reference(a, b),
-        "fused_torch": fused("torch"),
-        "fused_triton": fused("triton"),
-        "copy_floor": lambda: run_copy_floor(a, b),
-        "head_reference": lambda: run_head_reference(ts, labels),
-        "head_fused": head_fused,
+        "torch_shared_lsm": lambda: run_shared(a, b),
     }
+    if compile_baseline:
+        torch.compiler.reset()  # compile afresh for this shape: static shapes, no recompilation limit reached
+        compiled = torch.compile(shared_log_softmax_kl, dynamic=False)
+        try:
+            run_shared(a, b, compiled)  # compiles now, outside the timings
+            calls["torch_compiled"] = lambda: run_shared(a, b, compiled)
+        except Exception as e:  # noqa: BLE001 (whatever the compiler raises: note it, go on without it)
+            print(f"note: torch.compile baseline skipped at N={n} V={v}: {type(e).__name__}: {str(e)[:300]}")
+    calls["fused_torch"] = fused("torch")
+    if triton_kd.TRITON_AVAILABLE:
+        calls["fused_triton"] = fused("triton")
+    calls.update(
+        copy_floor=lambda: run_copy_floor(a, b),
+        head_reference=lambda: run_head_reference(ts, labels),
+        head_fused=head_fused,
+    )
     grads = {m: ts if m.startswith("head") else (a, b) for m in calls}
-    sweep = {triton_kd.launch_name(**c): fused("triton", c) for c in triton_kd.TUNING_GRID}
-    return calls, grads, sweep
+    sweep = {}
+    if triton_kd.TRITON_AVAILABLE:
+        sweep = {triton_kd.launch_name(**c): fused("triton", c) for c in triton_kd.TUNING_GRID}
+    return calls, grads, sweep, (a, b)
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -379,75 +504,106 @@ def device_copy_bandwidth() -> float:
 
 
 def cuda_main(args) -> None:
-    from ctcd_ds.losses import triton_kd
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.quick:
-        vars(args).update(QUICK_SHAPES, reps=2)
+        vars(args).update(QUICK_SHAPES, reps=QUICK_REPS)
+    if args.sweep and not triton_kd.TRITON_AVAILABLE:
+        sys.exit("--sweep times the Triton kernel, but triton is not installed")
     props = torch.cuda.get_device_properties(0)
     bw = device_copy_bandwidth()
-    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"tau={TAU}, logits {args.dtype}, hidden={args.hidden}, reps={args.reps}; time = forward + both backwards, median")
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; ", end="")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"tau={TAU}, logits {args.dtype}, hidden={args.hidden}, reps={args.reps}; ", end="")
+    print("time = forward + both backwards, median")
+    print("vs_ref / vs_best: speed relative to the naive reference / the fastest baseline; mem_vs_best: extra memory")
+    print("relative to the leanest baseline (head rows: relative to head_reference)")
+    if not triton_kd.TRITON_AVAILABLE:
+        print("note: triton is not installed: no fused_triton row")
     header = (
-        f"{'N':>5} {'V':>6}  {'method':<17} {'time_ms':>8} {'vs_ref':>7} {'vs_copy':>8} {'TB/s':>6} {'of_copy_bw':>10} "
-        f"{'extra_MB':>9} {'extra/logits':>12}"
+        f"{'N':>5} {'V':>6}  {'method':<17} {'time_ms':>8} {'vs_ref':>7} {'vs_best':>8} {'vs_copy':>8} {'TB/s':>6} "
+        f"{'of_copy_bw':>10} {'extra_MB':>9} {'extra/logits':>12} {'mem_vs_best':>11}"
     )
     print(header)
     print("-" * len(header))
-    rows = []
+    all_rows = []
     best_launch = {}
     for n in args.rows:
         for v in args.vocab:
-            calls, grads, sweep = cuda_calls(n, v, args.hidden, dtype)
+            calls, grads, sweep, (a, b) = cuda_calls(n, v, args.hidden, dtype, compile_baseline=not args.no_compile)
+            check_gradients(calls, a, b, tol=1e-4 if dtype == torch.float32 else 2e-2)
             times = {m: cuda_time(fn, args.reps) for m, fn in calls.items()}
             logits_bytes = n * v * dtype.itemsize
             if args.sweep:
                 swept = {c: cuda_time(fn, args.reps) for c, fn in sweep.items()}
                 for c, t in sorted(swept.items(), key=lambda kv: kv[1]):
-                    print(f"{n:>5} {v:>6}  sweep {c:<20} {1000 * t:8.3f} ms {4 * logits_bytes / t / bw:6.2f} of copy bandwidth")
+                    frac = 4 * logits_bytes / t / bw
+                    print(f"{n:>5} {v:>6}  sweep {c:<20} {1000 * t:8.3f} ms {frac:6.2f} of copy bandwidth")
                 best_launch[(n, v)] = min(swept, key=swept.get), 4 * logits_bytes / min(swept.values()) / bw
+            rows = {}
             for m, fn in calls.items():
                 peak, outputs = cuda_memory(fn, grads[m])
                 head = m.startswith("head")
                 moved = 4 * logits_bytes  # read both logits, write both gradients
-                row = dict(N=n, V=v, method=m, time_s=times[m])
-                row["vs_ref"] = times["head_reference" if head else "reference"] / times[m]
+                row = {"N": n, "V": v, "method": m, "time_s": times[m]}
                 row["vs_copy"] = None if head else times[m] / times["copy_floor"]
                 row["tb_per_s"] = None if head else moved / times[m] / 1e12
                 row["of_copy_bw"] = None if head else moved / times[m] / bw
                 row["extra_MB"] = (peak - outputs) / 2**20
                 row["extra_vs_logits"] = (peak - outputs) / logits_bytes
-                rows.append(row)
+                rows[m] = row
+            add_comparisons(rows)
+            for m, row in rows.items():
                 print(
-                    f"{n:>5} {v:>6}  {m:<17} {1000 * row['time_s']:>8.3f} {row['vs_ref']:>6.1f}x {fmt(row['vs_copy'], '7.2f')}x "
-                    f"{fmt(row['tb_per_s'], '6.2f')} {fmt(row['of_copy_bw'], '10.2f')} {row['extra_MB']:>9.1f} {row['extra_vs_logits']:>12.3f}"
+                    f"{n:>5} {v:>6}  {m:<17} {1000 * row['time_s']:>8.3f} "
+                    f"{row['vs_ref']:>6.2f}x {row['vs_best']:>7.2f}x {fmt(row['vs_copy'], '7.2f')}x "
+                    f"{fmt(row['tb_per_s'], '6.2f')} {fmt(row['of_copy_bw'], '10.2f')} "
+                    f"{row['extra_MB']:>9.1f} {row['extra_vs_logits']:>12.3f} {fmt(row['mem_vs_best'], '10.2f')}x"
                 )
-            del calls, grads, sweep
+            for fused_name in ("fused_triton", "fused_torch"):
+                if fused_name in rows:
+                    print_fused_vs_best(n, v, rows, fused_name)
+            all_rows += rows.values()
+            del calls, grads, sweep, a, b
             torch.cuda.empty_cache()
 
     n, v = max(args.rows), max(args.vocab)
-    r = {row["method"]: row for row in rows if row["N"] == n and row["V"] == v}
-    kernel = r["fused_triton"]
+    r = {row["method"]: row for row in all_rows if row["N"] == n and row["V"] == v}
+    kernel = r.get("fused_triton", r["fused_torch"])
     if best_launch:
-        print("best launch per shape: " + ", ".join(f"{k[0]}x{k[1]} {c} ({f:.2f})" for k, (c, f) in best_launch.items()))
-    print(json.dumps({
+        print(
+            "best launch per shape: " + ", ".join(f"{k[0]}x{k[1]} {c} ({f:.2f})" for k, (c, f) in best_launch.items())
+        )
+    fastest, _ = best_of(r, BASELINES, "time_s")
+    leanest, _ = best_of(r, BASELINES, "extra_MB")
+    summary = {
         "device": props.name,
         "dtype": args.dtype,
         "shape": [n, v],
         "copy_bandwidth_tb_s": rnd(bw / 1e12),
-        "launch": dict(block=triton_kd.BLOCK_V, warps=triton_kd.NUM_WARPS, programs_per_sm=triton_kd.PROGRAMS_PER_SM),
+        "fused": kernel["method"],
+        "launch": {
+            "block": triton_kd.BLOCK_V,
+            "warps": triton_kd.NUM_WARPS,
+            "programs_per_sm": triton_kd.PROGRAMS_PER_SM,
+        },
         "best_swept_launch": best_launch.get((n, v), (None,))[0],
         "best_swept_bandwidth_vs_copy": rnd(best_launch[(n, v)][1]) if (n, v) in best_launch else None,
         "speedup_vs_reference": rnd(kernel["vs_ref"]),
+        "fastest_baseline": fastest,
+        "speedup_vs_fastest_baseline": rnd(kernel["vs_best"]),
+        "leanest_baseline": leanest,
+        "memory_vs_leanest_baseline": rnd(kernel["mem_vs_best"]),
         "time_vs_copy_floor": rnd(kernel["vs_copy"]),
         "bandwidth_vs_copy": rnd(kernel["of_copy_bw"]),
         "memory_vs_logits": rnd(kernel["extra_vs_logits"], 3),
         "torch_path_speedup_vs_reference": rnd(r["fused_torch"]["vs_ref"]),
+        "torch_path_speedup_vs_fastest_baseline": rnd(r["fused_torch"]["vs_best"]),
         "head_speedup_vs_reference": rnd(r["head_fused"]["vs_ref"]),
         "head_memory_vs_logits": rnd(r["head_fused"]["extra_vs_logits"], 3),
         "head_reference_memory_vs_logits": rnd(r["head_reference"]["extra_vs_logits"], 3),
         "times_ms": {m: rnd(1000 * row["time_s"], 3) for m, row in r.items()},
-    }))
+    }
+    print(json.dumps(summary))
 
 
 def fmt(x, spec: str) -> str:

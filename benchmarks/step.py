@@ -1,6 +1,6 @@
 """Co-training step time vs the two members trained alone, on the same batches, in one process.
 
-    python benchmarks/step.py [--reps 20] [--config ctcd] [--section.key=value ...]
+    python benchmarks/step.py [--reps 20] [--config ctcd] [--quick] [--section.key=value ...]
 
 Builds four runs of the same pair (the ``--config`` recipe's teacher and student: the tiny pair by default,
 ``--config ctcd_paper`` for 6L-768 <-> 4L-768) through the real engines: CTCD (teacher <-> student) with the
@@ -24,9 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctcd_ds import dist  # noqa: E402
+from ctcd_ds.checks import check  # noqa: E402
 from ctcd_ds.config import load_config  # noqa: E402
+from ctcd_ds.tasks import MaskedLM  # noqa: E402
 from ctcd_ds.trainer import Trainer  # noqa: E402
-from ctcd_ds.validation import validate  # noqa: E402
+
+QUICK = ["--data.seq_len=32", "--data.max_train_blocks=64", "--train.micro_batch_size=4", "--tokenizer.vocab_size=1000"]
+"""--quick: a smoke run of the benchmark itself (seconds), not a measurement."""
 
 
 def build(config: str, name: str, out: Path, overrides: list[str], alone: str | None = None) -> Trainer:
@@ -35,8 +39,8 @@ def build(config: str, name: str, out: Path, overrides: list[str], alone: str | 
     if alone:
         cfg.members = {alone: cfg.members[alone]}
         cfg.edges = []
-    validate(cfg)
-    return Trainer(cfg)
+    check(cfg)
+    return Trainer(cfg, MaskedLM(cfg))
 
 
 def main() -> None:
@@ -44,7 +48,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--config", default="ctcd", help="a recipe with a teacher and a student (e.g. ctcd_paper)")
+    parser.add_argument("--quick", action="store_true", help="2 steps of tiny shapes: checks that the benchmark runs")
     args, overrides = parser.parse_known_args()
+    if args.quick:
+        args.reps, args.warmup, overrides = 2, 1, [*QUICK, *overrides]
     dist.init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
@@ -53,13 +60,13 @@ def main() -> None:
             "teacher": build(args.config, "teacher", Path(tmp), overrides, alone="teacher"),
             "student": build(args.config, "student", Path(tmp), overrides, alone="student"),
         }
-        loader = iter(runs["ctcd"].loader)
+        loader = iter(runs["ctcd"].task.loader)
         batches = [next(loader) for _ in range(args.warmup + args.reps)]
         times: dict[str, list[float]] = {k: [] for k in runs}
         for i, batch in enumerate(batches):  # round-robin: every variant sees the same batch in turn
             for name, trainer in runs.items():
                 t0 = time.perf_counter()
-                trainer.train_step(iter([batch] * trainer.cfg.train.grad_accum_steps))
+                trainer.step_fn(iter([batch] * trainer.cfg.train.grad_accum_steps), trainer.step)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
         for trainer in runs.values():
@@ -70,18 +77,25 @@ def main() -> None:
     print(f"{'variant':10s} {'step ms':>9s} {'tokens/s':>10s}")
     for name, t in med.items():
         print(f"{name:10s} {1000 * t:9.1f} {tokens / t:10.0f}")
-    print(f"{'t + s':10s} {1000 * (med['teacher'] + med['student']):9.1f} {tokens / (med['teacher'] + med['student']):10.0f}")
-    print(json.dumps({
-        "ctcd_over_separate": round(ratio, 4),
-        "ctcd_reference_loss_over_separate": round(med["ctcd_ref"] / (med["teacher"] + med["student"]), 4),
-        "ctcd_tokens_per_s": round(tokens / med["ctcd"], 1),
-        "fused_over_reference_tokens_per_s": round(med["ctcd_ref"] / med["ctcd"], 4),
-        "kd_loss": runs["ctcd"].cfg.train.kd_loss,
-        "config": args.config,
-        "precision": runs["ctcd"].precision,
-        "device": str(runs["ctcd"].device),
-        "target": 1.05,
-    }))
+    print(
+        f"{'t + s':10s} {1000 * (med['teacher'] + med['student']):9.1f} "
+        f"{tokens / (med['teacher'] + med['student']):10.0f}"
+    )
+    print(
+        json.dumps(
+            {
+                "ctcd_over_separate": round(ratio, 4),
+                "ctcd_reference_loss_over_separate": round(med["ctcd_ref"] / (med["teacher"] + med["student"]), 4),
+                "ctcd_tokens_per_s": round(tokens / med["ctcd"], 1),
+                "fused_over_reference_tokens_per_s": round(med["ctcd_ref"] / med["ctcd"], 4),
+                "kd_loss": runs["ctcd"].cfg.train.kd_loss,
+                "config": args.config,
+                "precision": runs["ctcd"].precision,
+                "device": str(dist.device()),
+                "target": 1.05,
+            }
+        )
+    )
     dist.cleanup()
 
 

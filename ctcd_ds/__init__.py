@@ -1,3 +1,3 @@
-"""ctcd-ds: co-training and co-distillation of masked language models on DeepSpeed."""
+"""ctcd-ds: co-training and co-distillation of language models on DeepSpeed."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,37 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from ctcd_ds import dist
-
-STATE_FILE = "trainer_state.json"
-LATEST = "latest"
-
-
-def root(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / STATE_FILE).is_file()
-
-
-def latest(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    pointer = root(output_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = root(output_dir) / pointer.read_text().strip()
-    return path if is_checkpoint(path) else None
-
-
-def tag(step: int) -> str:
-    return f"step_{step:08d}"
+from ctcd_ds.errors import UserError
+from ctcd_ds.layout import CONFIG_FILE, LATEST, STATE_FILE, checkpoints_dir, is_checkpoint, tag
 
 
 def _rng_state() -> dict[str, Any]:
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if acc.device_name() != "cpu":
@@ -62,8 +39,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from deepspeed.accelerator import get_accelerator
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -75,21 +50,24 @@ class Checkpointer:
     """Saves and restores all engines, loader position and RNG together; decides when to save."""
 
     def __init__(self, output_dir: Path, every: int, keep_last: int):
-        self.root = root(output_dir)
+        self.root = checkpoints_dir(output_dir)
         self.every, self.keep_last = every, keep_last
 
-    def due(self, step: int, last_step: bool) -> bool:
-        return last_step or (self.every > 0 and step % self.every == 0)
+    def save(
+        self, step: int, engines: dict[str, Any], trainer_state: dict[str, Any], config_yaml: str, *, last_step: bool
+    ) -> Path | None:
+        """Save if one is due at ``step`` (every ``every`` steps, and the last one); return its path, else None.
 
-    def save(self, step: int, engines: dict[str, Any], trainer_state: dict[str, Any], config_yaml: str) -> Path:
-        """Collective: every rank must call it (DeepSpeed's ``save_checkpoint`` hangs otherwise)."""
+        Collective: every rank must call it (DeepSpeed's ``save_checkpoint`` hangs otherwise)."""
+        if not (last_step or (self.every > 0 and step % self.every == 0)):
+            return None
         path = self.root / tag(step)
         for name, engine in engines.items():
             engine.save_checkpoint(str(path), tag=name, save_latest=False)
         torch.save(_rng_state(), path / f"rng_rank{dist.rank():05d}.pt")
         dist.barrier()
         if dist.is_rank0():
-            (path / "config.yaml").write_text(config_yaml)
+            (path / CONFIG_FILE).write_text(config_yaml)
             (path / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(path.name)
@@ -108,12 +86,16 @@ class Checkpointer:
     def load(self, path: Path, engines: dict[str, Any]) -> dict[str, Any]:
         """Restore every engine (weights, optimizer, lr schedule) and this rank's RNG; return the trainer state."""
         for name, engine in engines.items():
-            loaded, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
+            loaded, _ = engine.load_checkpoint(
+                str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if loaded is None:
-                raise ValueError(f"checkpoint.resume={path}: it holds no checkpoint of member '{name}'")
+                raise UserError(f"checkpoint.resume={path}: it holds no checkpoint of member '{name}'")
         rng_file = path / f"rng_rank{dist.rank():05d}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         else:
-            dist.print0(f"warning: {rng_file.name} missing (resuming on a different number of ranks?); RNG not restored")
+            dist.print0(
+                f"warning: {rng_file.name} missing (resuming on a different number of ranks?); RNG not restored"
+            )
         return json.loads((path / STATE_FILE).read_text())

@@ -3,8 +3,8 @@ one shared, resumable, distributed data loader whose batches every member sees."
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import datasets
 import torch
@@ -12,24 +12,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from ctcd_ds import dist
-from ctcd_ds.config import PACKAGE_DIR, DataConfig
-
-BUNDLED_DIR = PACKAGE_DIR / "assets" / "wikitext-2"
-BUNDLED_TRAIN = [str(BUNDLED_DIR / "test.txt")]
-"""WikiText-2 raw test split: the bundled training text (the valid split is held out)."""
-BUNDLED_EVAL = [str(BUNDLED_DIR / "valid.txt")]
+from ctcd_ds.assets import corpus_files
+from ctcd_ds.config import DataConfig
+from ctcd_ds.errors import UserError
 
 
-def corpus_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(train files, eval files) after applying the bundled-corpus default."""
-    if cfg.dataset:
-        return [], []
-    if not cfg.train_files:
-        return BUNDLED_TRAIN, list(cfg.eval_files) or BUNDLED_EVAL
-    return list(cfg.train_files), list(cfg.eval_files)
-
-
-def _blocks(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, text_column: str) -> datasets.Dataset:
+def _blocks(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, text_column: str
+) -> datasets.Dataset:
     body = cfg.seq_len - 2
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
 
@@ -43,10 +33,14 @@ def _blocks(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataC
         return {"input_ids": [[cls, *flat[i * body : (i + 1) * body], sep] for i in range(n)]}
 
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenize")
-    return ds.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"group into {cfg.seq_len}-token blocks")
+    return ds.map(
+        group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"group into {cfg.seq_len}-token blocks"
+    )
 
 
-def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_blocks(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Tokenized training and held-out blocks (``input_ids`` of length ``seq_len``)."""
     cache_dir = cfg.cache_dir or None
     train_files, eval_files = corpus_files(cfg)
@@ -64,7 +58,10 @@ def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) 
             train = _blocks(raw["train"], tokenizer, cfg, text_column)
             held_out = _blocks(raw["eval"], tokenizer, cfg, text_column) if eval_files else None
     if len(train) == 0:
-        raise ValueError(f"data.train_files={train_files or cfg.dataset}: no {cfg.seq_len}-token block could be made (empty or too short corpus)")
+        raise UserError(
+            f"data.train_files={train_files or cfg.dataset}: no {cfg.seq_len}-token block could be made (empty or "
+            "too short corpus)"
+        )
     if held_out is None:
         split = train.train_test_split(test_size=max(cfg.eval_fraction, 1 / len(train)), seed=seed, shuffle=True)
         train, held_out = split["train"], split["test"]
@@ -110,7 +107,7 @@ def _batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
 class _EpochBatches(torch.utils.data.Dataset):
     """Batch ``i`` of one epoch of one rank, masked with its own seeded generator (works in workers)."""
 
-    def __init__(self, loader: "SharedLoader", order: list[int]):
+    def __init__(self, loader: SharedLoader, order: list[int]):
         self.loader, self.order, self.epoch = loader, order, loader.epoch
 
     def __len__(self) -> int:
@@ -130,12 +127,23 @@ class SharedLoader:
     ``collator(rows, generator)`` turns the dataset rows of one batch into tensors; it gets a generator
     seeded by (seed, epoch, batch, rank) for any randomness (masking)."""
 
-    def __init__(self, dataset: datasets.Dataset, collator: Callable, batch_size: int, seed: int, *, shuffle: bool = True, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        collator: Callable,
+        batch_size: int,
+        seed: int,
+        *,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ):
         self.dataset, self.collator, self.batch_size, self.seed = dataset, collator, batch_size, seed
         self.shuffle, self.num_workers = shuffle, num_workers
-        self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle, seed=seed, drop_last=True)
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle, seed=seed, drop_last=True
+        )
         if len(self.sampler) < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"train.micro_batch_size={batch_size}: only {len(self.sampler)} blocks per rank "
                 f"({len(dataset)} blocks over {dist.world_size()} ranks); use a larger corpus or a smaller batch"
             )
@@ -157,7 +165,13 @@ class SharedLoader:
             batches = _EpochBatches(self, list(self.sampler))
             remaining = range(self.index, len(batches))
             # its own generator: creating a DataLoader iterator must not draw from the global RNG (dropout)
-            loader = DataLoader(batches, batch_size=None, sampler=remaining, num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+            loader = DataLoader(
+                batches,
+                batch_size=None,
+                sampler=remaining,
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
             for batch in loader:
                 self.index += 1
                 yield batch
@@ -166,7 +180,9 @@ class SharedLoader:
                 return
 
 
-def eval_batches(dataset: datasets.Dataset, collator: Callable, batch_size: int, limit: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def eval_batches(
+    dataset: datasets.Dataset, collator: Callable, batch_size: int, limit: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
     """The fixed held-out batches of this rank (same masks at every evaluation)."""
     per_rank = max(1, len(dataset) // dist.world_size())
     loader = SharedLoader(dataset, collator, min(batch_size, per_rank), seed + 1, shuffle=False)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import socket
 
+import deepspeed
 import torch
 import torch.distributed as torch_dist
+from deepspeed.accelerator import get_accelerator
 
 
 def _free_port() -> int:
@@ -19,8 +22,6 @@ def _free_port() -> int:
 
 def init_distributed() -> None:
     """Join the process group the deepspeed launcher set up, or make a 1-process one when run directly."""
-    import deepspeed
-
     if torch_dist.is_initialized():
         return
     if "RANK" not in os.environ:  # run without a launcher: a world of one
@@ -73,8 +74,6 @@ def rank0_first():
 
 
 def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
     name = get_accelerator().device_name()
     return torch.device(name, local_rank()) if name != "cpu" else torch.device("cpu")
 
@@ -85,8 +84,6 @@ def peak_memory_bytes() -> int:
     dev = device()
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -1,4 +1,4 @@
-"""Derive each engine's DeepSpeed config from a ZeRO template (ds_configs/) and the run config.
+"""Derive each engine's DeepSpeed config from a ZeRO template and the run config (no DeepSpeed import).
 
 Templates hold only ZeRO tuning; every per-run value (batch, accumulation, clipping, precision) comes
 from the run config, so it lives in exactly one place. A template that sets one is rejected.
@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctcd_ds.config import PACKAGE_DIR
-
-DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+from ctcd_ds.assets import templates_dir
+from ctcd_ds.errors import UserError
 
 RUN_OWNED_KEYS = {
     "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x ranks",
@@ -28,14 +27,14 @@ RUN_OWNED_KEYS = {
 
 
 def template_names() -> list[str]:
-    return sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
+    return sorted(p.stem for p in templates_dir().glob("*.json"))
 
 
 def template_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".json" or path.is_file():
         return path
-    return DS_CONFIGS_DIR / f"{name_or_path}.json"
+    return templates_dir() / f"{name_or_path}.json"
 
 
 def template_problems(name_or_path: str) -> list[str]:
@@ -50,7 +49,11 @@ def template_problems(name_or_path: str) -> list[str]:
         return [f"{flag}: not valid JSON: {exc}"]
     if not isinstance(tmpl, dict):
         return [f"{flag}: expected a JSON object"]
-    problems = [f"{flag}: sets '{k}', which comes from the run config ({v}); remove it from the template" for k, v in RUN_OWNED_KEYS.items() if k in tmpl]
+    problems = [
+        f"{flag}: sets '{k}', which comes from the run config ({v}); remove it from the template"
+        for k, v in RUN_OWNED_KEYS.items()
+        if k in tmpl
+    ]
     stage = tmpl.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"{flag}: zero_optimization.stage={stage!r} is not a ZeRO stage (0, 1, 2 or 3)")
@@ -60,7 +63,7 @@ def template_problems(name_or_path: str) -> list[str]:
 def load_template(name_or_path: str) -> dict[str, Any]:
     problems = template_problems(name_or_path)
     if problems:
-        raise ValueError("\n".join(problems))
+        raise UserError(problems)
     return json.loads(template_path(name_or_path).read_text())
 
 
@@ -98,7 +101,13 @@ def engine_config(
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        ds["fp16"] = {
+            "enabled": True,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     else:
         assert precision == "fp32", precision
     return ds

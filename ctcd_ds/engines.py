@@ -8,13 +8,28 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from ctcd_ds import ds_config
 from ctcd_ds.config import MemberConfig
+from ctcd_ds.errors import UserError
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` -> bf16 on accelerators that support it, else fp32; fp16/bf16 need an accelerator."""
+    acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    if requested == "auto":
+        return "bf16" if not on_cpu and acc.is_bf16_supported() else "fp32"
+    if requested in ("fp16", "bf16") and on_cpu:
+        raise UserError(f"train.precision={requested}: needs a GPU; DeepSpeed runs on the CPU here (use fp32 or auto)")
+    return requested
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak lr at a step: linear warm-up, then linear/cosine decay to 0 or constant."""
+    assert schedule in ("linear", "cosine", "constant"), schedule
 
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -39,8 +54,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 def _optimizer(model: torch.nn.Module, m: MemberConfig, offload: bool) -> torch.optim.Optimizer:
     groups = _param_groups(model, m.weight_decay)
     if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam (JIT-built on first use)
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
         return DeepSpeedCPUAdam(groups, lr=m.lr, betas=(m.beta1, m.beta2), adamw_mode=True)
     return torch.optim.AdamW(groups, lr=m.lr, betas=(m.beta1, m.beta2))
 

@@ -8,11 +8,13 @@ the weighted KD loss (and the weighted hidden-state MSE where the edge asks for 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, replace
 
-from ctcd_ds.config import EdgeConfig, RunConfig
+from ctcd_ds.config import EdgeConfig, FinetuneConfig, PretrainConfig, PretrainMemberConfig
+from ctcd_ds.config.sections import WeightSchedule
 
-SCHEDULES = ("constant", "linear", "cosine", "step")
+SCHEDULES = typing.get_args(WeightSchedule)
 
 
 def scheduled_weight(schedule: str, w0: float, w1: float, steps: int, step: int) -> float:
@@ -61,7 +63,7 @@ class Edge:
         return self.share * self.hidden_weight
 
     @classmethod
-    def from_config(cls, cfg: EdgeConfig) -> "Edge":
+    def from_config(cls, cfg: EdgeConfig) -> Edge:
         return cls(
             source=cfg.source,
             target=cfg.target,
@@ -94,10 +96,14 @@ class Graph:
         return tuple(e for e in self.edges if e.owner == member)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "Graph":
+    def from_config(cls, cfg: PretrainConfig | FinetuneConfig) -> Graph:
         """The run's graph; an edge into a sandwich-trained member is repeated for each of its views, every
         copy weighted 1 / (views + 1), so the member's KD loss is the average over its full model and views."""
-        views = {n: tuple(m.minidisc.sandwich) for n, m in cfg.members.items() if m.minidisc.sandwich}
+        views = {
+            n: tuple(m.minidisc.sandwich)
+            for n, m in cfg.members.items()
+            if isinstance(m, PretrainMemberConfig) and m.minidisc.sandwich
+        }
         edges: list[Edge] = []
         for e in map(Edge.from_config, cfg.edges):
             targets = [e.target, *(view_name(e.target, s) for s in views.get(e.target, ()))]

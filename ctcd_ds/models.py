@@ -1,67 +1,18 @@
-"""BERT presets, building/loading members, and the sparse-prediction wrapper each engine holds."""
+"""Building members' models, and the sparse-prediction wrapper each pre-training engine holds."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForMaskedLM, BertForMaskedLM, PreTrainedModel
 
-from ctcd_ds.pruning import PruneMasks, Pruner, Sandwich
-
-
-@dataclass(frozen=True, slots=True)
-class Preset:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    max_positions: int = 512
-    note: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny-teacher": Preset(4, 256, 4, 1024, note="CPU default teacher (~3M params + embeddings)"),
-    "tiny-student": Preset(2, 128, 2, 512, note="CPU default student"),
-    "paper-teacher": Preset(6, 768, 12, 3072, note="6L-768, the DWT/CTCD papers' larger model (~67M)"),
-    "paper-student": Preset(4, 768, 12, 3072, note="4L-768, the papers' smaller model (~52M)"),
-    "bert-base": Preset(12, 768, 12, 3072, note="BERT-base shape (12L-768)"),
-    "bert-large": Preset(24, 1024, 16, 4096, note="BERT-large shape (24L-1024)"),
-}
-
-
-def is_pretrained_path(model: str) -> bool:
-    return model not in PRESETS
-
-
-def weight_dirs(members) -> dict[str, str]:
-    """Every pretrained directory a run reads weights from: ``{flag: dir}`` over members' model and init_from."""
-    out = {}
-    for name, m in members.items():
-        if is_pretrained_path(m.model):
-            out[f"members.{name}.model"] = m.model
-        if m.init_from:
-            out[f"members.{name}.init_from"] = m.init_from
-    return out
-
-
-def model_config(model: str, vocab_size: int, pad_token_id: int) -> PretrainedConfig:
-    """The transformers config of a preset (for ``vocab_size``) or of a model directory."""
-    if is_pretrained_path(model):
-        return AutoConfig.from_pretrained(model)
-    p = PRESETS[model]
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=p.hidden,
-        num_hidden_layers=p.layers,
-        num_attention_heads=p.heads,
-        intermediate_size=p.ffn,
-        max_position_embeddings=p.max_positions,
-        pad_token_id=pad_token_id,
-    )
+from ctcd_ds.errors import UserError
+from ctcd_ds.presets import is_pretrained_path, model_config, remap_problems
+from ctcd_ds.pruning.masks import PruneMasks
+from ctcd_ds.pruning.training import Pruner, Sandwich
 
 
 def build_model(model: str, vocab_size: int, pad_token_id: int) -> PreTrainedModel:
@@ -77,7 +28,7 @@ def mlm_head(model: PreTrainedModel) -> nn.Module:
         head = getattr(model, name, None)
         if head is not None:
             return head
-    raise ValueError(f"model {type(model).__name__} has no MLM head named 'cls' or 'lm_head'")
+    raise UserError(f"model {type(model).__name__} has no MLM head named 'cls' or 'lm_head'")
 
 
 class SparseMLM(nn.Module):
@@ -125,16 +76,6 @@ class SparseMLM(nn.Module):
         return self.structure.before_step(step) if self.structure is not None else {}
 
 
-def remap_problems(flag: str, target: PretrainedConfig, source: PretrainedConfig) -> list[str]:
-    """Why ``source`` weights cannot initialise a ``target``-shaped model by layer remapping (empty if they can)."""
-    problems = []
-    for attr in ("hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings"):
-        a, b = getattr(target, attr, None), getattr(source, attr, None)
-        if a != b:
-            problems.append(f"{flag}: the source model's {attr}={b} differs from this member's {attr}={a}; remapping copies whole layers, so they must match")
-    return problems
-
-
 def remap_init(model: PreTrainedModel, source_dir: str) -> list[int]:
     """Initialise ``model`` from the smaller model in ``source_dir``: embeddings, MLM head and
     encoder layers 1..k are copied, the last source layer fills every extra layer (DWT's parameter
@@ -142,7 +83,7 @@ def remap_init(model: PreTrainedModel, source_dir: str) -> list[int]:
     source = AutoModelForMaskedLM.from_pretrained(source_dir, dtype=torch.float32)
     problems = remap_problems(f"init_from={source_dir}", model.config, source.config)
     if problems:
-        raise ValueError("\n".join(problems))
+        raise UserError(problems)
     src_layers = source.base_model.encoder.layer
     dst_layers = model.base_model.encoder.layer
     mapping = [min(i, len(src_layers) - 1) for i in range(len(dst_layers))]

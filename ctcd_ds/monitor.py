@@ -5,7 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from ctcd_ds import dist
+from ctcd_ds.layout import METRICS_FILE
+
+
+def kept_lines(path: Path, last_step: int) -> list[str]:
+    """The lines of a metrics file up to ``last_step``; a line a crash tore (not valid JSON) is dropped."""
+    kept = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            print(f"warning: {path}:{n}: dropped a torn line (not a metrics record)", flush=True)
+            continue
+        if step <= last_step:
+            kept.append(line)
+    return kept
 
 
 class Monitor:
@@ -16,14 +35,11 @@ class Monitor:
         self.writer = None
         self.jsonl = None
         if dist.is_rank0():
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step drops events a crashed run wrote after its last checkpoint
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step or None)
-            path = Path(output_dir) / "metrics.jsonl"
+            path = Path(output_dir) / METRICS_FILE
             if path.exists():  # likewise drop lines past the checkpoint we resume from
-                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                path.write_text("".join(line + "\n" for line in kept_lines(path, start_step)))
             self.jsonl = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -1,172 +1,363 @@
-"""Sequence-level tasks: GLUE through ``datasets`` or local TSV/CSV/JSONL files, read into examples
-with clear errors (file, line, column), and their metrics (scikit-learn / scipy)."""
+"""Tasks: what a batch is, what each member predicts for it, its task loss, and how members are evaluated.
+
+A task is built from a run config before anything is written (tokenizer, data, shared loader) and then
+serves the trainer and the co-training step through one small interface (:class:`Task`):
+
+- :class:`MaskedLM` (``ctcd-ds pretrain``): MLM cross-entropy at the masked positions; members are BERT
+  masked LMs (presets or directories), optionally remapped, pruned while training, or chosen by MiniDisc.
+- :class:`Classification` (``ctcd-ds finetune``): cross-entropy (or MSE for regression) on sequence labels;
+  members are Hugging Face sequence classifiers built from pretrained directories.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from ctcd_ds.config import PACKAGE_DIR, TaskConfig
-
-BUNDLED_SST2 = PACKAGE_DIR / "assets" / "sst2"
-
-
-@dataclass(frozen=True, slots=True)
-class GlueTask:
-    text_columns: tuple[str, ...]
-    kind: str
-    metrics: tuple[str, ...]
-    dev_splits: tuple[str, ...] = ("validation",)
-
-
-GLUE: dict[str, GlueTask] = {
-    "cola": GlueTask(("sentence",), "classification", ("mcc", "accuracy")),
-    "sst2": GlueTask(("sentence",), "classification", ("accuracy",)),
-    "mrpc": GlueTask(("sentence1", "sentence2"), "classification", ("accuracy", "f1")),
-    "qqp": GlueTask(("question1", "question2"), "classification", ("accuracy", "f1")),
-    "stsb": GlueTask(("sentence1", "sentence2"), "regression", ("pearson", "spearman")),
-    "mnli": GlueTask(("premise", "hypothesis"), "classification", ("accuracy",), ("validation_matched", "validation_mismatched")),
-    "qnli": GlueTask(("question", "sentence"), "classification", ("accuracy",)),
-    "rte": GlueTask(("sentence1", "sentence2"), "classification", ("accuracy",)),
-    "wnli": GlueTask(("sentence1", "sentence2"), "classification", ("accuracy",)),
-}
-
-
-@dataclass(slots=True)
-class Split:
-    """Texts (one tuple per example: 1 or 2 strings) and raw labels (strings or floats) of one file/split."""
-
-    name: str
-    texts: list[tuple[str, ...]]
-    labels: list
+from ctcd_ds import dist
+from ctcd_ds.assets import corpus_files
+from ctcd_ds.config import FinetuneConfig, MemberConfig, PretrainConfig, PretrainMemberConfig, TaskConfig
+from ctcd_ds.data import MaskingCollator, SharedLoader, eval_batches, load_blocks
+from ctcd_ds.engines import Member
+from ctcd_ds.errors import UserError
+from ctcd_ds.export import export_checkpoint
+from ctcd_ds.layout import is_checkpoint
+from ctcd_ds.models import SparseMLM, build_model, remap_init
+from ctcd_ds.presets import weight_dirs
+from ctcd_ds.pruning import minidisc
+from ctcd_ds.pruning.training import SANDWICH_EMA, Pruner, Sandwich
+from ctcd_ds.pruning.widths import target_widths, widths_of
+from ctcd_ds.task_data import (
+    PadCollator,
+    check_dev_labels,
+    compute_metrics,
+    encode,
+    head_settings,
+    load_splits,
+    local_files,
+    predict,
+    task_kind,
+    task_metrics,
+)
+from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
 
 
-def task_kind(cfg: TaskConfig) -> str:
-    if cfg.kind != "auto":
-        return cfg.kind
-    return GLUE[cfg.glue].kind if cfg.glue else "classification"
+class Prediction(NamedTuple):
+    """What one member predicts for a batch: what the task loss and the edge losses read."""
+
+    logits: torch.Tensor
+    """[rows, classes]: at the masked positions (MLM) or per example (classification)."""
+    targets: torch.Tensor
+    """[rows]: the true tokens or labels."""
+    hidden: torch.Tensor | None = None
+    """[rows, hidden] last hidden states at the same rows (MLM), for hidden-state MSE edges."""
+    hidden_keep: torch.Tensor | None = None
+    """bool [hidden]: the hidden dims the member keeps while it is being pruned (None: all)."""
 
 
-def task_metrics(cfg: TaskConfig) -> tuple[str, ...]:
-    """Metric names, main one first: GLUE's for a GLUE task; else by kind."""
-    if cfg.glue:
-        return GLUE[cfg.glue].metrics
-    return ("pearson", "spearman", "mse") if task_kind(cfg) == "regression" else ("accuracy", "f1", "mcc")
+class Task(Protocol):
+    loss_name: str
+    """The task loss's name in the logged scalars (``NAME/mlm_loss``)."""
+    progress_label: str
+    tokenizer: PreTrainedTokenizerBase
+    loader: SharedLoader
+    """The one loader every member reads."""
+    tokens_per_micro_batch: int
+    """Tokens in one rank's micro-batch (for throughput)."""
+
+    def build_module(self, name: str, m: MemberConfig, recorded: dict[str, Any] | None) -> nn.Module:
+        """The module member ``name``'s engine wraps (it holds the Hugging Face model as ``.hf``);
+        ``recorded``: what :meth:`state` saved for it in the checkpoint being resumed, if any."""
+
+    def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction: ...
+
+    def loss(self, prediction: Prediction) -> torch.Tensor: ...
+
+    def evaluate(self, members: dict[str, Member]) -> dict[str, float]:
+        """Scalars to log (``eval/NAME/metric``), over every rank's share."""
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must record to rebuild the members' modules (shapes chosen at run time, labels)."""
 
 
-def local_files(cfg: TaskConfig) -> tuple[str, str]:
-    """(train file, dev file) after the bundled-SST-2 default."""
-    if cfg.train_file or cfg.dev_file:
-        return cfg.train_file, cfg.dev_file
-    return str(BUNDLED_SST2 / "train.tsv"), str(BUNDLED_SST2 / "dev.tsv")
+def _set_grad(member: Member):
+    return torch.set_grad_enabled(member.trainable and torch.is_grad_enabled())
 
 
-def _rows(path: Path, header: bool) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """(column names, [(line number, row)]) of a TSV/CSV/JSONL file."""
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not valid JSON: {exc}") from exc
-                    rows.append((n, {k: "" if v is None else str(v) if not isinstance(v, str) else v for k, v in obj.items()}))
-        columns = list(rows[0][1]) if rows else []
-        return columns, rows
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = list(csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
-    lines = [(n, cells) for n, cells in enumerate(lines, 1) if any(c.strip() for c in cells)]
-    if not lines:
-        return [], []
-    if header:
-        columns = [c.strip() for c in lines[0][1]]
-        body = lines[1:]
-    else:
-        columns = [str(i) for i in range(len(lines[0][1]))]
-        body = lines
-    return columns, [(n, dict(zip(columns, cells))) for n, cells in body]
+# --------------------------------------------------------------------------------------------------
+# masked LM (pre-training)
 
 
-def read_file(path: str, cfg: TaskConfig, kind: str, flag: str) -> Split:
-    """Read one local file into a Split; every problem names the file, line or column."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{flag}={path}: no such file")
-    columns, rows = _rows(p, cfg.header)
-    if not rows:
-        raise ValueError(f"{flag}={path}: the file has no examples (empty file)")
-    for col in (*cfg.text_columns, cfg.label_column):
-        if col not in columns:
-            raise ValueError(f"{flag}={path}: no column '{col}' (columns: {', '.join(columns)}); set task.text_columns / task.label_column")
-    texts, labels = [], []
-    for n, row in rows:
-        if any(row.get(c) is None for c in (*cfg.text_columns, cfg.label_column)):
-            raise ValueError(f"{path}:{n}: the row has fewer columns than the header")
-        texts.append(tuple(row[c] for c in cfg.text_columns))
-        raw = row[cfg.label_column].strip()
-        if kind == "regression":
-            try:
-                labels.append(float(raw))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: column '{cfg.label_column}' = {raw!r} is not a number (task.kind=regression)") from None
-        else:
-            labels.append(raw)
-    return Split(p.name, texts, labels)
+class MaskedLM:
+    """Masked-LM co-training on one shared stream of masked blocks."""
+
+    loss_name = "mlm_loss"
+    progress_label = "co-training"
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.device = dist.device()
+        self.tokenizer = self._tokenizer()
+        train_blocks, eval_blocks = load_blocks(cfg.data, self.tokenizer, cfg.seed)
+        collator = MaskingCollator(self.tokenizer, cfg.data.mlm_probability)
+        self.loader = SharedLoader(
+            train_blocks, collator, cfg.train.micro_batch_size, cfg.seed, num_workers=cfg.data.num_workers
+        )
+        self.eval_batches = eval_batches(
+            eval_blocks, collator, cfg.train.micro_batch_size, cfg.train.eval_batches, cfg.seed
+        )
+        self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
+        self.minidisc_choices: dict[str, dict[str, int]] = {}
+
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        cfg = self.cfg
+        source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
+        if source is None:
+            train_files, _ = corpus_files(cfg.data)
+            if not train_files:
+                raise UserError(
+                    f"tokenizer.path: empty; give a tokenizer for data.dataset={cfg.data.dataset} (training one "
+                    "needs local files)"
+                )
+            with dist.rank0_first():
+                source = str(trained_tokenizer_dir(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
+        tok = load_tokenizer(source)
+        dist.print0(f"tokenizer: {source} ({len(tok)} tokens)")
+        return tok
+
+    def build_module(self, name: str, m: PretrainMemberConfig, recorded: dict[str, Any] | None) -> SparseMLM:
+        model = build_model(m.model, len(self.tokenizer), self.tokenizer.pad_token_id)
+        if m.init_from:
+            mapping = remap_init(model, m.init_from)
+            dist.print0(f"{name}: layers initialised from {m.init_from} layers {[i + 1 for i in mapping]}")
+        if m.minidisc.sparsities:
+            model = self._minidisc(name, m, model, recorded)
+        structure = None
+        if m.prune.enabled:
+            config = model.config
+            target = target_widths(
+                config, m.prune.hidden_size or config.hidden_size, m.prune.intermediate_size or config.intermediate_size
+            )
+            steps = self.cfg.train.steps
+            start, end = round(m.prune.start * steps), round(m.prune.end * steps)
+            structure = Pruner(model, target, start, end, m.prune.every, m.prune.ema)
+            dist.print0(f"{name}: pruned while training from {widths_of(config)} to {target} (steps {start}-{end})")
+        elif m.minidisc.sandwich:
+            structure = Sandwich(model, SANDWICH_EMA)
+            dist.print0(f"{name}: sandwich training with sub-networks at width sparsities {m.minidisc.sandwich}")
+        return SparseMLM(model, structure)
+
+    def _minidisc(self, name: str, m: PretrainMemberConfig, model, recorded: dict[str, Any] | None):
+        """MiniDisc: the best one-shot pruning of ``model``; a resumed run rebuilds the shape its checkpoint
+        recorded (the weights come from the checkpoint)."""
+        if recorded is not None:
+            self.minidisc_choices[name] = recorded["minidisc"]
+            chosen = minidisc.rebuild_choice(model, recorded["minidisc"])
+            dist.print0(
+                f"{name}: the teacher assistant chosen earlier ({widths_of(chosen.config)}), from the checkpoint"
+            )
+            return chosen
+        loader = SharedLoader(self.loader.dataset, self.loader.collator, self.loader.batch_size, self.cfg.seed + 17)
+        batches = iter(loader)
+        score_batches = [next(batches) for _ in range(m.minidisc.batches)]
+        chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)
+        dist.print0(minidisc.table(candidates, best, m.minidisc.lam))
+        self.minidisc_table = (name, candidates, best, m.minidisc.lam)
+        self.minidisc_choices[name] = minidisc.choice_of(candidates[best])
+        return chosen
+
+    def state(self) -> dict[str, Any]:
+        return {name: {"minidisc": choice} for name, choice in self.minidisc_choices.items()}
+
+    def write_outputs(self, out: Path) -> None:
+        """Rank 0, once the run starts writing: the MiniDisc candidate table, if one was made."""
+        if hasattr(self, "minidisc_table"):
+            minidisc.write_table(out, *self.minidisc_table)
+
+    def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
+        """Logits and hidden states of one member (or its sandwich sub-network ``view``) at the batch's masked
+        positions, and the true tokens there."""
+        labels = batch["labels"].to(self.device)
+        predict = labels != -100
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with _set_grad(member):
+            logits, hidden = member.engine(ids, mask, predict, view)
+        return Prediction(logits, labels[predict], hidden, member.engine.module.hidden_keep(view))
+
+    def loss(self, prediction: Prediction) -> torch.Tensor:
+        return F.cross_entropy(prediction.logits.float(), prediction.targets)
+
+    @torch.no_grad()
+    def evaluate(self, members: dict[str, Member]) -> dict[str, float]:
+        """Held-out MLM loss, perplexity and accuracy of every member (summed over ranks)."""
+        out = {}
+        for name, m in members.items():
+            m.engine.eval()
+            sums = torch.zeros(3, dtype=torch.float64)
+            for batch in self.eval_batches:
+                logits, targets, *_ = self.forward(m, batch)
+                loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum").item()
+                correct = (logits.argmax(-1) == targets).sum().item()
+                sums += torch.tensor([loss_sum, correct, targets.numel()], dtype=torch.float64)
+            loss_sum, correct, count = dist.all_reduce_sum(sums).tolist()
+            if m.trainable:
+                m.engine.train()
+            loss = loss_sum / max(count, 1)
+            out |= {
+                f"eval/{name}/mlm_loss": loss,
+                f"eval/{name}/perplexity": float(np.exp(min(loss, 50))),
+                f"eval/{name}/accuracy": correct / max(count, 1),
+            }
+        return out
 
 
-def label_set(train: Split) -> list[str]:
-    """The classes, in a stable order (numerically if every label is an integer)."""
-    values = set(train.labels)
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
-    return sorted(values)
+# --------------------------------------------------------------------------------------------------
+# sequence classification / regression (fine-tuning)
 
 
-def check_dev_labels(dev: Split, labels: list[str], path: str) -> None:
-    known = set(labels)
-    for i, label in enumerate(dev.labels):
-        if label not in known:
-            raise ValueError(f"{path}: example {i + 1} has label {label!r}, which the training file never uses (labels: {', '.join(labels)})")
+class Classifier(nn.Module):
+    """What each fine-tuning engine holds: a Hugging Face sequence classifier returning its logits."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def load_glue(cfg: TaskConfig, cache_dir: str | None = None) -> tuple[Split, list[Split], list[str] | None]:
-    """GLUE train split and dev split(s) through ``datasets`` (needs the hub)."""
-    import datasets
-
-    spec = GLUE[cfg.glue]
-    raw = datasets.load_dataset("nyu-mll/glue", cfg.glue, cache_dir=cache_dir)
-
-    def split(name: str) -> Split:
-        ds = raw[name]
-        labels = list(ds["label"]) if spec.kind == "regression" else [str(v) for v in ds["label"]]
-        return Split(name, list(zip(*(ds[c] for c in spec.text_columns))), labels)
-
-    names = raw["train"].features["label"].names if spec.kind == "classification" else None
-    return split("train"), [split(s) for s in spec.dev_splits], ([str(i) for i in range(len(names))] if names else None)
+def is_checkpoint_member(path: str) -> bool:
+    """``runs/x/checkpoints/step_N/NAME``: a member's folder inside a joint checkpoint."""
+    return is_checkpoint(Path(path).parent)
 
 
-def compute_metrics(kind: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of one split: classification predictions/labels are class ids, regression floats."""
-    if kind == "regression":
-        from scipy.stats import pearsonr, spearmanr
+class Classification:
+    """Fine-tuning every member on one shared stream of task batches (co-distilling on class logits)."""
 
-        return {
-            "pearson": float(pearsonr(predictions, labels)[0]),
-            "spearman": float(spearmanr(predictions, labels)[0]),
-            "mse": float(np.mean((predictions - labels) ** 2)),
-        }
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    loss_name = "task_loss"
+    progress_label = "fine-tuning"
 
-    binary = len(set(labels.tolist()) | set(predictions.tolist())) <= 2
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1_score(labels, predictions, average="binary" if binary else "macro", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predictions)),
-    }
+    def __init__(self, cfg: FinetuneConfig, out: Path):
+        self.cfg = cfg
+        self.device = dist.device()
+        self.model_dirs = self._model_dirs(out)
+        self.tokenizer = load_tokenizer(next(iter(self.model_dirs.values())))
+        self.kind = task_kind(cfg.task)
+        train, devs, self.labels = load_splits(cfg.task)
+        self.collator = PadCollator(self.tokenizer.pad_token_id, self.kind == "regression")
+        with dist.rank0_first():
+            train_ds = encode(train, self.tokenizer, cfg.task.seq_len, self.labels)
+            self.devs = {d.name: encode(d, self.tokenizer, cfg.task.seq_len, self.labels) for d in devs}
+        self.loader = SharedLoader(train_ds, self.collator, cfg.train.micro_batch_size, cfg.seed)
+        self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.task.seq_len
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _model_dirs(self, out: Path) -> dict[str, str]:
+        """Each member's pretrained directory; members inside a checkpoint are exported first (to ``out/init``)."""
+        dirs = {}
+        for name, m in self.cfg.members.items():
+            if is_checkpoint_member(m.model):
+                init = out / "init"
+                if dist.is_rank0():
+                    export_checkpoint(Path(m.model).parent, init)
+                dist.barrier()
+                dirs[name] = str(init / Path(m.model).name)
+            else:
+                dirs[name] = m.model
+        return dirs
+
+    def build_module(self, name: str, m: MemberConfig, recorded: dict[str, Any] | None) -> Classifier:
+        directory = self.model_dirs[name]
+        extra = head_settings(self.kind, self.labels)
+        if not m.trainable:  # a fine-tuned teacher keeps its own head and label set
+            num_labels = AutoConfig.from_pretrained(directory).num_labels
+            if num_labels != extra["num_labels"]:
+                raise UserError(
+                    f"members.{name}.model={m.model}: the frozen classifier has {num_labels} outputs, "
+                    f"the task has {extra['num_labels']}"
+                )
+            extra = {}
+        hf = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **extra)
+        return Classifier(hf)
+
+    def state(self) -> dict[str, Any]:
+        return {name: {"model_dir": d, "kind": self.kind, "labels": self.labels} for name, d in self.model_dirs.items()}
+
+    def write_outputs(self, out: Path) -> None:
+        pass
+
+    def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
+        assert view == 0.0, "sandwich views are a pre-training feature"
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with _set_grad(member):
+            logits = member.engine(ids, mask)
+        return Prediction(logits, batch["labels"].to(self.device))
+
+    def loss(self, prediction: Prediction) -> torch.Tensor:
+        if self.kind == "regression":
+            return F.mse_loss(prediction.logits.float().squeeze(-1), prediction.targets)
+        return F.cross_entropy(prediction.logits.float(), prediction.targets)
+
+    def evaluate(self, members: dict[str, Member]) -> dict[str, float]:
+        """Every member's metrics on every dev split (each rank evaluates the whole split)."""
+        out = {}
+        for name, m in members.items():
+            m.engine.eval()
+            self.results[name] = {}
+            for split, data in self.devs.items():
+                preds, golds = predict(m.engine, data, self.collator, self.cfg.train.micro_batch_size, self.device)
+                metrics = compute_metrics(self.kind, preds, golds)
+                self.results[name][split] = metrics
+                prefix = f"eval/{name}" if len(self.devs) == 1 else f"eval/{name}/{split}"
+                out |= {f"{prefix}/{k}": v for k, v in metrics.items()}
+            if m.trainable:
+                m.engine.train()
+        return out
+
+    def write_results(self, out: Path, step: int) -> Path:
+        """``results.json``: every member's dev metrics at the end of the run (rank 0 writes)."""
+        path = out / "results.json"
+        if dist.is_rank0():
+            t = self.cfg.task
+            task = t.glue or local_files(t)[0]
+            main = task_metrics(t)[0]
+            path.write_text(
+                json.dumps({"task": task, "main_metric": main, "step": step, "members": self.results}, indent=2)
+            )
+        return path
+
+
+def evaluate_model(
+    model_dir: str, task: TaskConfig, out: Path | None, batch_size: int = 64
+) -> dict[str, dict[str, float]]:
+    """Metrics of a fine-tuned model directory on the task's dev split(s); also written to ``out``."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(model_dir)
+    kind = task_kind(task)
+    if (model.config.num_labels == 1) != (kind == "regression"):
+        raise UserError(f"--model={model_dir}: it has {model.config.num_labels} outputs but task.kind={kind}")
+    _, devs, _ = load_splits(task)
+    labels = None if kind == "regression" else [model.config.id2label[i] for i in range(model.config.num_labels)]
+    collator = PadCollator(tokenizer.pad_token_id, kind == "regression")
+    results = {}
+    for dev in devs:
+        if labels is not None:
+            check_dev_labels(dev, labels, dev.name)
+
+        def forward(ids, mask):
+            return model(input_ids=ids, attention_mask=mask).logits
+
+        data = encode(dev, tokenizer, task.seq_len, labels)
+        preds, golds = predict(forward, data, collator, batch_size, torch.device("cpu"))
+        results[dev.name] = compute_metrics(kind, preds, golds)
+    if out is not None:
+        task_name = task.glue or local_files(task)[1]
+        Path(out).write_text(json.dumps({"model": model_dir, "task": task_name, "results": results}, indent=2))
+    return results

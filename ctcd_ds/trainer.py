@@ -1,121 +1,220 @@
-"""Masked-LM co-training: the shared loop (``ctcd_ds.loop``) with MLM as every member's task.
+"""The Trainer: builds every component of a run in ``__init__``, then ``train()`` loops the co-training step.
 
-A member's loss is its MLM cross-entropy at the masked positions plus, for every incoming edge,
-``weight * tau^2 * KL(p_source || p_target)`` with the source detached, so the members' graphs stay
-disjoint and each engine backpropagates only its own loss.
+    task       tokenizer, data, the one shared loader, forward/loss/evaluate    (ctcd_ds.tasks)
+    members    one DeepSpeed engine per member (own optimizer; none when frozen) (ctcd_ds.engines)
+    graph      members + distillation edges, weight schedules, sandwich views    (ctcd_ds.graph)
+    step       THE co-training step                                               (ctcd_ds.step)
+    checkpointer, monitor                                                         (ctcd_ds.checkpoint, .monitor)
+
+Nothing is written to the output directory until every component is built: a bad corpus, batch size or
+precision stops the run with the output directory untouched. ``run_pretrain`` and ``run_finetune`` are the
+library entry points (the command line calls them).
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
 
-from ctcd_ds import dist, minidisc
-from ctcd_ds.config import MemberConfig, RunConfig
-from ctcd_ds.data import MaskingCollator, SharedLoader, corpus_files, eval_batches, load_blocks
-from ctcd_ds.engines import Member
-from ctcd_ds.loop import Prediction, TrainingLoop
-from ctcd_ds.models import SparseMLM, build_model, remap_init, weight_dirs
-from ctcd_ds.pruning import SANDWICH_EMA, Pruner, Sandwich, target_widths, widths_of
-from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
+from ctcd_ds import dist, ds_config
+from ctcd_ds.checkpoint import Checkpointer
+from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
+from ctcd_ds.engines import Member, build_engine, resolve_precision
+from ctcd_ds.export import export_member
+from ctcd_ds.graph import Graph
+from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, latest
+from ctcd_ds.models import count_parameters
+from ctcd_ds.monitor import Monitor
+from ctcd_ds.step import CoTrainingStep
+from ctcd_ds.tasks import Classification, MaskedLM, Task
 
 
-class Trainer(TrainingLoop):
-    """Builds tokenizer, data, members and engines from a validated RunConfig; ``train()`` runs the loop."""
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
-    task_loss_name = "mlm_loss"
-    progress_label = "co-training"
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        self.tokenizer = self._tokenizer()
-        train_blocks, eval_blocks = load_blocks(cfg.data, self.tokenizer, cfg.seed)
-        collator = MaskingCollator(self.tokenizer, cfg.data.mlm_probability)
-        self.loader = SharedLoader(train_blocks, collator, cfg.train.micro_batch_size, cfg.seed, num_workers=cfg.data.num_workers)
-        self.eval_batches = eval_batches(eval_blocks, collator, cfg.train.micro_batch_size, cfg.train.eval_batches, cfg.seed)
-        self._build_members(self._module)
-        self._start(cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * dist.world_size())
+def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "checkpoint.resume":
+            out.append(f"{prefix}{key}={b!r} (was {a!r})")
+    return out
 
-    def _module(self, name: str, m: MemberConfig) -> SparseMLM:
-        model = build_model(m.model, len(self.tokenizer), self.tokenizer.pad_token_id)
-        if m.init_from:
-            mapping = remap_init(model, m.init_from)
-            dist.print0(f"{name}: layers initialised from {m.init_from} layers {[i + 1 for i in mapping]}")
-        if m.minidisc.sparsities:
-            model = self._minidisc(name, m, model)
-        structure = None
-        if m.prune.enabled:
-            target = target_widths(model.config, m.prune.hidden_size or model.config.hidden_size, m.prune.intermediate_size or model.config.intermediate_size)
-            steps = self.cfg.train.steps
-            structure = Pruner(model, target, round(m.prune.start * steps), round(m.prune.end * steps), m.prune.every, m.prune.ema)
-            dist.print0(f"{name}: pruned while training from {widths_of(model.config)} to {target} (steps {structure.start_step}-{structure.end_step})")
-        elif m.minidisc.sandwich:
-            structure = Sandwich(model, SANDWICH_EMA)
-            dist.print0(f"{name}: sandwich training with sub-networks at width sparsities {m.minidisc.sandwich}")
-        return SparseMLM(model, structure)
 
-    def _minidisc(self, name: str, m: MemberConfig, model):
-        """MiniDisc: the best one-shot pruning of ``model`` (see ctcd_ds.minidisc); prints and saves the table.
-        A resumed run rebuilds the shape it chose (the weights come from the checkpoint)."""
-        resume = self.resume_path()
-        if resume is not None:
-            chosen = minidisc.recorded_choice(model, resume.parent.parent, name)
-            if dist.is_rank0() and resume.parent.parent.resolve() != self.out.resolve():  # this run's exports need it too
-                shutil.copy(resume.parent.parent / minidisc.TABLE_FILE, self.out / minidisc.TABLE_FILE)
-            dist.print0(f"{name}: the teacher assistant chosen earlier ({widths_of(chosen.config)}), from {minidisc.TABLE_FILE}")
-            return chosen
-        batches = iter(SharedLoader(self.loader.dataset, self.loader.collator, self.loader.batch_size, self.cfg.seed + 17))
-        score_batches = [next(batches) for _ in range(m.minidisc.batches)]
-        chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)
-        dist.print0(minidisc.table(candidates, best, m.minidisc.lam))
+class Trainer:
+    """Co-trains the members of a validated config on ``task``; every attribute is set here."""
+
+    def __init__(self, cfg: PretrainConfig | FinetuneConfig, task: Task):
+        self.cfg = cfg
+        self.task = task
+        self.out = Path(cfg.output_dir)
+        self.precision = resolve_precision(cfg.train.precision)
+        self.graph = Graph.from_config(cfg)
+        self.resume_from = self._resume_path()
+        resume_state = json.loads((self.resume_from / STATE_FILE).read_text()) if self.resume_from else {}
+        self.members = self._build_members(resume_state.get("task", {}))
+        self.zero_stage = ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template))
+        self.step_fn = CoTrainingStep(
+            self.members, self.graph, task, cfg.train, zero_stage=self.zero_stage, precision=self.precision
+        )
+        self.tokens_per_step = task.tokens_per_micro_batch * cfg.train.grad_accum_steps * dist.world_size()
+        self.checkpointer = Checkpointer(self.out, cfg.checkpoint.every, cfg.checkpoint.keep_last)
+        self.step = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        else:
+            seed_everything(cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
+        # everything is built: from here on the run writes into its output directory
         if dist.is_rank0():
-            minidisc.write_table(self.out, name, candidates, best, m.minidisc.lam)
-        return chosen
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / CONFIG_FILE).write_text(dump_yaml(cfg))
+            task.tokenizer.save_pretrained(str(self.out / "tokenizer"))
+            task.write_outputs(self.out)
+        self.monitor = Monitor(self.out, self.step)
 
-    def _tokenizer(self):
+    def _resume_path(self) -> Path | None:
+        c = self.cfg.checkpoint
+        if c.resume == "never":
+            return None
+        return latest(self.out) if c.resume == "auto" else Path(c.resume)
+
+    def _build_members(self, recorded: dict[str, Any]) -> dict[str, Member]:
         cfg = self.cfg
-        source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
-        if source is None:
-            train_files, _ = corpus_files(cfg.data)
-            if not train_files:
-                raise ValueError(f"tokenizer.path: empty; give a tokenizer for data.dataset={cfg.data.dataset} (training one needs local files)")
-            with dist.rank0_first():
-                source = str(trained_tokenizer_dir(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
-        tok = load_tokenizer(source)
-        if dist.is_rank0():
-            tok.save_pretrained(str(self.out / "tokenizer"))
-        dist.print0(f"tokenizer: {source} ({len(tok)} tokens)")
-        return tok
+        members = {}
+        for i, (name, m) in enumerate(cfg.members.items()):
+            seed_everything(cfg.seed + 1000 * i)  # same init on every rank, different per member
+            module = self.task.build_module(name, m, recorded.get(name))
+            ds = ds_config.engine_config(
+                cfg.deepspeed.template,
+                micro_batch_size=cfg.train.micro_batch_size,
+                grad_accum_steps=cfg.train.grad_accum_steps,
+                grad_clip=cfg.train.grad_clip,
+                trainable=m.trainable,
+                precision=self.precision,
+            )
+            members[name] = build_engine(name, module, m, ds, cfg.train.steps)
+            role = "trainable" if m.trainable else "frozen"
+            dist.print0(f"{name}: {m.model}, {count_parameters(module) / 1e6:.2f}M parameters, {role}")
+        return members
 
-    # ---------------------------------------------------------------------------------------------
-    def _forward(self, m: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
-        """Logits and hidden states of one member (or its sandwich sub-network ``view``) at the batch's masked
-        positions, and the true tokens there."""
-        labels = batch["labels"].to(self.device)
-        predict = labels != -100
-        with torch.set_grad_enabled(m.trainable and torch.is_grad_enabled()):
-            logits, hidden = m.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), predict, view)
-        return Prediction(logits, labels[predict], hidden, m.engine.module.hidden_keep(view))
+    @property
+    def trainable(self) -> dict[str, Member]:
+        return {n: m for n, m in self.members.items() if m.trainable}
 
-    def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
+    def _resume(self, path: Path) -> None:
+        """Engines (weights, optimizer, lr schedule), loader position and RNG from ``path``."""
+        changed = changed_settings(yaml.safe_load((path / CONFIG_FILE).read_text()), to_dict(self.cfg))
+        if changed:
+            dist.print0(f"warning: resuming {path} with settings that differ from its run: {', '.join(changed)}")
+        state = self.checkpointer.load(path, {n: m.engine for n, m in self.trainable.items()})
+        self.step = int(state["step"])
+        self.task.loader.load_state_dict(state["loader"])
+        dist.print0(f"resumed from {path} at step {self.step}")
 
-    @torch.no_grad()
+    def _save(self, last_step: bool) -> Path | None:
+        state = {"loader": self.task.loader.state_dict(), "members": list(self.members), "task": self.task.state()}
+        engines = {n: m.engine for n, m in self.trainable.items()}
+        return self.checkpointer.save(self.step, engines, state, dump_yaml(self.cfg), last_step=last_step)
+
     def evaluate(self) -> dict[str, float]:
-        """Held-out MLM loss, perplexity and accuracy of every member (summed over ranks)."""
+        return self.task.evaluate(self.members)
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``train.steps``; return where the outputs went and the run's throughput and memory."""
+        loop = self.cfg.train
+        batches = iter(self.task.loader)
+        bar = tqdm(
+            total=loop.steps,
+            initial=self.step,
+            desc=self.task.progress_label,
+            disable=not dist.is_rank0(),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        last_ckpt = latest(self.out)
+        window_start, window_steps = time.perf_counter(), 0
+        train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
+        while self.step < loop.steps:
+            t0 = time.perf_counter()
+            scalars = self.step_fn(batches, self.step)
+            self.step += 1
+            window_steps += 1
+            timed_steps += 1
+            if timed_steps:
+                train_time += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
+            last = self.step == loop.steps
+            if self.step % loop.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                scalars |= {
+                    "perf/step_time_s": time.perf_counter() - t0,
+                    "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+                }
+                self.monitor.write(self.step, scalars)
+                window_start, window_steps = time.perf_counter(), 0
+            if last or (loop.eval_every and self.step % loop.eval_every == 0):
+                self.monitor.write(self.step, self.evaluate())
+            last_ckpt = self._save(last) or last_ckpt
+        bar.close()
+        return {
+            "tensorboard": str(self.monitor.tb_dir),
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
+            # training steps only (evaluation and checkpoints left out)
+            "tokens_per_s": timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None,
+            "peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+        }
+
+    def export(self) -> dict[str, str]:
+        """Every member as a Hugging Face directory under ``<run>/export/<name>`` (collective)."""
         out = {}
         for name, m in self.members.items():
-            m.engine.eval()
-            sums = torch.zeros(3, dtype=torch.float64)
-            for batch in self.eval_batches:
-                logits, targets, *_ = self._forward(m, batch)
-                sums += torch.tensor([F.cross_entropy(logits.float(), targets, reduction="sum").item(), (logits.argmax(-1) == targets).sum().item(), targets.numel()], dtype=torch.float64)
-            loss_sum, correct, count = dist.all_reduce_sum(sums).tolist()
-            if m.trainable:
-                m.engine.train()
-            loss = loss_sum / max(count, 1)
-            out |= {f"eval/{name}/mlm_loss": loss, f"eval/{name}/perplexity": float(np.exp(min(loss, 50))), f"eval/{name}/accuracy": correct / max(count, 1)}
+            path = self.out / "export" / name
+            export_member(m.engine, self.task.tokenizer, path)
+            out[name] = str(path)
         return out
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pre-train a checked config in an initialised process group; return where its outputs went."""
+    trainer = Trainer(cfg, MaskedLM(cfg))
+    try:
+        summary = trainer.train()
+        summary["exports"] = trainer.export() if cfg.export else {}
+    finally:
+        trainer.close()
+    return summary
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune a checked config in an initialised process group; return its results and outputs."""
+    task = Classification(cfg, Path(cfg.output_dir))
+    trainer = Trainer(cfg, task)
+    try:
+        summary = trainer.train()
+        if not task.results:  # resumed at the last step: nothing was evaluated in this process
+            trainer.evaluate()
+        summary["results"] = str(task.write_results(trainer.out, trainer.step))
+        summary["exports"] = trainer.export() if cfg.export else {}
+    finally:
+        trainer.close()
+    summary["metrics"] = task.results
+    return summary

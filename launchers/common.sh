@@ -6,13 +6,15 @@
 #   HOSTFILE     a DeepSpeed hostfile ("host slots=N" per line) for multi-node runs
 #   MASTER_ADDR  address of rank 0 (multi-node)
 #   MASTER_PORT  rendezvous port (default 29500)
-#   CONFIG       a recipe name or YAML file (--config)
+#   CTCD_CONFIG  a recipe name or YAML file (--config); as an argument also CONFIG=... (a bare CONFIG
+#                variable in the environment is never read: it is too common a name)
 #   DRY_RUN=1    print the deepspeed command instead of running it
 set -euo pipefail
 passthrough=()
 for arg in "$@"; do
   case "$arg" in
-    NUM_GPUS=*|NUM_NODES=*|HOSTFILE=*|MASTER_ADDR=*|MASTER_PORT=*|CONFIG=*|DRY_RUN=*) export "$arg" ;;
+    NUM_GPUS=*|NUM_NODES=*|HOSTFILE=*|MASTER_ADDR=*|MASTER_PORT=*|CTCD_CONFIG=*|DRY_RUN=*) export "$arg" ;;
+    CONFIG=*) export CTCD_CONFIG="${arg#CONFIG=}" ;;
     *) passthrough+=("$arg") ;;
   esac
 done
@@ -35,7 +37,7 @@ if [ -n "${NUM_GPUS:-}" ]; then cmd+=(--num_gpus "$NUM_GPUS"); fi
 cmd+=(--master_port "${MASTER_PORT:-29500}")
 if [ -n "${MASTER_ADDR:-}" ]; then cmd+=(--master_addr "$MASTER_ADDR"); fi
 cmd+=("$LAUNCH_FILE")
-if [ -n "${CONFIG:-}" ]; then cmd+=(--config "$CONFIG"); fi
+if [ -n "${CTCD_CONFIG:-}" ]; then cmd+=(--config "$CTCD_CONFIG"); fi
 cmd+=(${passthrough[@]+"${passthrough[@]}"})
 if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo

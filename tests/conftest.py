@@ -25,7 +25,7 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CRO
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A 1000-token SentencePiece tokenizer trained on the bundled corpus (through the real code path)."""
-    from ctcd_ds.data import BUNDLED_TRAIN
+    from ctcd_ds.assets import BUNDLED_TRAIN
     from ctcd_ds.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
@@ -65,7 +65,9 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Run a command (a list) from the repo root and return its completed process (text output)."""
     inherited = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -78,11 +80,11 @@ PYTHON = sys.executable
 def run(overrides: list[str], config: str = "ctcd") -> tuple[dict, Path]:
     """Validate and train a config in this process (a 1-rank world), through the real engines."""
     from ctcd_ds import dist
-    from ctcd_ds.cli import pretrain
+    from ctcd_ds.checks import check
     from ctcd_ds.config import load_config
-    from ctcd_ds.validation import validate
+    from ctcd_ds.trainer import run_pretrain
 
     cfg = load_config(config, overrides)
-    validate(cfg)
+    check(cfg)
     dist.init_distributed()
-    return pretrain(cfg), Path(cfg.output_dir)
+    return run_pretrain(cfg), Path(cfg.output_dir)

@@ -34,7 +34,9 @@ def test_blocks_have_seq_len_and_bert_framing(tokenizer_dir):
 def test_user_corpus_gets_a_held_out_split(tokenizer_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus about towers and rivers." for i in range(400)))
-    train, held_out = load_blocks(DataConfig(train_files=[str(corpus)], seq_len=16, eval_fraction=0.1), load_tokenizer(tokenizer_dir), seed=0)
+    train, held_out = load_blocks(
+        DataConfig(train_files=[str(corpus)], seq_len=16, eval_fraction=0.1), load_tokenizer(tokenizer_dir), seed=0
+    )
     assert len(held_out) == round(0.1 * (len(train) + len(held_out)))
 
 

@@ -6,22 +6,33 @@ variant ``hidden @ W.T + b`` -> ``F.cross_entropy`` + ``kd_loss``. All on tiny s
 
 from __future__ import annotations
 
+import itertools
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctcd_ds.losses import triton_kd
-from ctcd_ds.losses.fused import BidirectionalKL, LinearBidirectionalKL, bidirectional_kl, fused_linear_bidirectional_kl
-from ctcd_ds.losses.reference import kd_loss
+from ctcd_ds.losses import (
+    BidirectionalKL,
+    LinearBidirectionalKL,
+    bidirectional_kl,
+    cpu_pool,
+    fused,
+    fused_linear,
+    fused_linear_bidirectional_kl,
+    kd_loss,
+    triton_kd,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 needs_triton = pytest.mark.skipif(
     not (HAS_CUDA and triton_kd.TRITON_AVAILABLE), reason="needs a CUDA device and triton (not installed here)"
 )
-FP32 = dict(rtol=1e-5, atol=1e-5)
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor:
@@ -103,6 +114,78 @@ def test_larger_vocab_matches_reference():
     assert (a.grad[~mask] == 0).all() and (b.grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("source_needs_grad", [True, False])
+def test_one_way_edge_matches_reference(source_needs_grad):
+    """weight_ba=0: an edge a -> b alone. loss_ab and b's gradient are the reference's; a gets no gradient."""
+    a, b = _logits(17, 151, 3.0, seed=19)
+    a.requires_grad_(source_needs_grad)
+    ref = kd_loss(a.detach(), rb := b.detach().clone().requires_grad_(), 1.5)
+    ref.backward()
+    out = bidirectional_kl(a, b, 1.5, weight_ab=1.0, weight_ba=0.0)
+    torch.testing.assert_close(out.loss_ab, ref.detach(), **FP32)
+    torch.testing.assert_close(out.kl_ab, ref.detach(), **FP32)
+    torch.testing.assert_close(out.kl_ba, kd_loss(b.detach(), a.detach(), 1.5), **FP32)  # still logged
+    assert out.loss_ba.item() == 0.0
+    out.loss_ab.backward()
+    if out.loss_ba.requires_grad:
+        assert out.loss_ba.grad_fn.saved_tensors == ()  # no gradient buffer was even allocated for a
+        out.loss_ba.backward()
+    assert a.grad is None
+    torch.testing.assert_close(b.grad, rb.grad, **FP32)
+
+
+@pytest.mark.parametrize("tau", [0.25, 0.5, 1.0, 2.0, 4.0, 10.0])
+def test_temperatures_match_reference(tau):
+    """Values (tau^2 * KL) and gradients (tau * (p_target - p_source) / N) at temperatures below and above 1."""
+    a, b = _logits(19, 211, 3.0, seed=20)
+    out = _fused_backward(a, b, tau)
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, tau, 1.0, 1.0)
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    torch.testing.assert_close(a.grad, ref_ga, **FP32)
+    torch.testing.assert_close(b.grad, ref_gb, **FP32)
+
+
+def test_directions_at_different_temperatures():
+    """a -> b at tau 1 and b -> a at tau 4 can't share a pass: two one-way calls give the reference's losses
+    and gradients."""
+    a, b = _logits(13, 97, 3.0, seed=21)
+    ab = bidirectional_kl(a, b, 1.0, weight_ab=1.0, weight_ba=0.0)
+    ba = bidirectional_kl(a, b, 4.0, weight_ab=0.0, weight_ba=1.0)
+    ab.loss_ab.backward()
+    ba.loss_ba.backward()
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref_ab, ref_ba = kd_loss(ra, rb, 1.0), kd_loss(rb, ra, 4.0)
+    (ref_ab + ref_ba).backward()
+    torch.testing.assert_close(ab.loss_ab, ref_ab.detach(), **FP32)
+    torch.testing.assert_close(ba.loss_ba, ref_ba.detach(), **FP32)
+    torch.testing.assert_close(a.grad, ra.grad, **FP32)
+    torch.testing.assert_close(b.grad, rb.grad, **FP32)
+
+
+def test_weighted_pair_matches_reference():
+    """weight_ab != weight_ba: each loss carries its own weight, each gradient reaches only its target, and
+    the logged kl_* stay unweighted."""
+    a, b = _logits(23, 157, 3.0, seed=22)
+    w_ab, w_ba = 0.3, 2.5
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref_ab, ref_ba = kd_loss(ra, rb, 1.5), kd_loss(rb, ra, 1.5)
+    (w_ab * ref_ab).backward()
+    (w_ba * ref_ba).backward()
+    out = bidirectional_kl(a, b, 1.5, weight_ab=w_ab, weight_ba=w_ba)
+    torch.testing.assert_close(out.loss_ab, w_ab * ref_ab.detach(), **FP32)
+    torch.testing.assert_close(out.loss_ba, w_ba * ref_ba.detach(), **FP32)
+    torch.testing.assert_close(out.kl_ab, ref_ab.detach(), **FP32)
+    torch.testing.assert_close(out.kl_ba, ref_ba.detach(), **FP32)
+    out.loss_ab.backward()
+    assert a.grad is None
+    torch.testing.assert_close(b.grad, rb.grad, **FP32)
+    gb = b.grad.clone()
+    out.loss_ba.backward()
+    torch.testing.assert_close(a.grad, ra.grad, **FP32)
+    assert torch.equal(b.grad, gb)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_float64(masked):
     a, b = _logits(5, 7, 2.0, dtype=torch.float64, seed=1)
@@ -172,7 +255,7 @@ def test_zero_valid_rows(case):
 def test_losses_backward_independently(order):
     """Each loss reaches only its target; two backward calls, either order, no retain_graph."""
     a, b = _logits(9, 23, seed=6)
-    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 0.4, 1.5)
+    _, _, ref_ga, ref_gb = _reference(a, b, 2.0, 0.4, 1.5)
     out = bidirectional_kl(a, b, 2.0, 0.4, 1.5)
     first, second = (out.loss_ab, out.loss_ba) if order == "ab_first" else (out.loss_ba, out.loss_ab)
     first.backward()
@@ -210,13 +293,17 @@ def test_grad_output_scaling_and_retained_graph():
 
 
 def test_leaf_adopts_the_stored_buffer():
-    """No second gradient-sized tensor: a leaf's .grad is the buffer computed in the forward."""
+    """No second gradient-sized tensor: a leaf's .grad is the buffer computed in the forward (rescaled in
+    place by grad_output)."""
     a, b = _logits(6, 13, seed=8)
+    _, _, ref_ga, _ = _reference(a, b, 2.0, 1.0, 1.0)
     out = bidirectional_kl(a, b, 2.0)
+    (buf,) = out.loss_ba.grad_fn.saved_tensors  # the gradient buffer for logits_a, filled in the forward
+    buf_ptr = buf.data_ptr()
+    del buf  # a reference held here would make autograd copy the gradient instead of adopting it
     (3.0 * out.loss_ba).backward()
-    buf_ptr = a.grad.data_ptr()
-    del out
     assert a.grad.data_ptr() == buf_ptr
+    torch.testing.assert_close(a.grad, 3.0 * ref_ga, **FP32)
 
 
 def test_chunk_size_does_not_change_results():
@@ -249,13 +336,95 @@ def test_skipped_gradients():
     assert not out.loss_ab.requires_grad and not out.loss_ba.requires_grad
 
 
-def test_cpu_worker_threads_leave_torch_threads_as_they_were():
-    a, b = _logits(64, 33, seed=18)
+def _spy_row_parallel(monkeypatch, module) -> list[tuple[str, int, int, int]]:
+    """Record (thread name, start, end, torch threads inside) of every row range ``module`` hands to
+    :func:`cpu_pool.row_parallel`.
+
+    When a call is split, its first range (start 0) and its last (end n) wait for each other at a barrier,
+    so they must run at the same time on two different threads (a pool reusing one idle thread for every
+    range, or running them one after another, times out instead)."""
+    calls = []
+    lock = threading.Lock()
+    real = cpu_pool.row_parallel
+
+    def spy(device, n, min_rows, fn):
+        meet = threading.Barrier(2, timeout=5)
+
+        def recorded(r0, r1):
+            with lock:
+                calls.append((threading.current_thread().name, r0, r1, torch.get_num_threads()))
+            if (r0 == 0) != (r1 == n):  # the first or the last of several ranges
+                meet.wait()
+            fn(r0, r1)
+
+        real(device, n, min_rows, recorded)
+
+    monkeypatch.setattr(module, "row_parallel", spy)
+    return calls
+
+
+@pytest.fixture
+def restore_torch_threads():
     before = torch.get_num_threads()
-    _fused_backward(a, b, 2.0, chunk_rows=4)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiles(ranges: list[tuple[int, int]], n: int) -> bool:
+    """Whether the ranges are disjoint and cover [0, n) exactly."""
+    ends = sorted(ranges)
+    return ends[0][0] == 0 and ends[-1][1] == n and all(p[1] == q[0] for p, q in itertools.pairwise(ends))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_worker_threads_match_one_thread(threads, monkeypatch, restore_torch_threads):
+    """With several torch threads the rows are split over the worker pool (each worker single-threaded);
+    the results equal those of a one-thread run, and torch's thread count is left as it was."""
+    a, b = _logits(64, 33, seed=18)
+    mask = torch.arange(64) % 5 != 0  # 51 valid rows
     tensors, labels = _head_inputs(n=40, seed=18)
-    fused_linear_bidirectional_kl(*tensors, labels, 2.0, chunk_rows=16)
-    assert torch.get_num_threads() == before
+    kl_calls = _spy_row_parallel(monkeypatch, fused)
+    head_calls = _spy_row_parallel(monkeypatch, fused_linear)
+
+    def run():
+        """(results, row ranges of each bidirectional_kl call, row ranges of the head variant)."""
+        results, kl_ranges = [], []
+        for m in (None, mask):
+            kl_calls.clear()
+            out = _fused_backward(a, b, 1.7, 0.8, 1.3, row_mask=m, chunk_rows=4, backend="torch")
+            results.append([*out, a.grad.clone(), b.grad.clone()])
+            kl_ranges.append(list(kl_calls))
+        head_calls.clear()
+        head = fused_linear_bidirectional_kl(*tensors, labels, 2.0, 0.7, 1.4, chunk_rows=16, backend="torch")
+        results.append([*head[:4], *_grads(head.mlm_a + head.loss_ba, tensors)[:3]])
+        results.append(_grads(head.mlm_b + head.loss_ab, tensors)[3:])
+        return results, kl_ranges, list(head_calls)
+
+    torch.set_num_threads(1)
+    single, kl_ranges, head_ranges = run()
+    me = threading.current_thread().name
+    assert [[c[:3] for c in r] for r in kl_ranges] == [[(me, 0, 64)], [(me, 0, 51)]]  # one range, this thread
+    assert head_ranges and all(c[0] == me for c in head_ranges)
+
+    torch.set_num_threads(threads)
+    parallel, kl_ranges, head_ranges = run()
+    assert torch.get_num_threads() == threads
+    for calls, n in zip(kl_ranges, (64, 51)):
+        assert len(calls) == threads and _tiles([c[1:3] for c in calls], n), calls
+    for calls in (*kl_ranges, head_ranges):
+        assert all(c[0].startswith(cpu_pool.THREAD_NAME_PREFIX) for c in calls), calls  # on pool workers,
+        assert all(c[3] == 1 for c in calls), calls  # each running single-threaded torch ops
+        assert len({c[0] for c in calls}) >= 2, calls  # really several of them
+    # head variant, chunks of 16 + 16 + 8 rows: each phase split over min(threads, rows // 4) workers
+    assert len(head_ranges) == 2 * (threads + threads + 2)
+
+    for one, many in zip(single[:2], parallel[:2]):  # bidirectional_kl: row-wise math, bit-identical
+        for x, y in zip(one, many):
+            assert torch.equal(x, y)
+    for one, many in zip(single[2:], parallel[2:]):  # the head variant's GEMMs use `threads` intra-op threads
+        for x, y in zip(one, many):
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_arguments():
@@ -274,7 +443,6 @@ def test_bad_arguments():
 
 def test_triton_module_imports_without_triton():
     assert isinstance(triton_kd.TRITON_AVAILABLE, bool)
-    assert "GPU-only" in triton_kd.__doc__  # the docstring says where it runs and where it was checked
     if not triton_kd.TRITON_AVAILABLE:
         a, b = _logits(3, 5)
         with pytest.raises(RuntimeError, match="triton"):
@@ -348,7 +516,7 @@ def test_linear_variant_matches_reference(tau, w_ab, w_ba, bias, chunk, unlabell
                 assert gf is None, f"{name} reached tensor {i} of the other model"
             gf = gf if gf is not None else torch.zeros_like(tensors[i])
             gr = gr if gr is not None else torch.zeros_like(tensors[i])
-            torch.testing.assert_close(gf, gr, **FP32, msg=lambda m: f"{name}, tensor {i}: {m}")
+            torch.testing.assert_close(gf, gr, **FP32, msg=lambda m, name=name, i=i: f"{name}, tensor {i}: {m}")
     za, zb = (F.linear(*tensors[i : i + 3]) for i in (0, 3))
     torch.testing.assert_close(out.kl_ab, kd_loss(za, zb, tau).detach(), **FP32)
 
@@ -399,7 +567,7 @@ def test_linear_variant_gradcheck_float64():
 
 
 # --------------------------------------------------------------------------------------------------
-# CUDA / Triton (skipped without a GPU; run on an H200 on 2026-11-26: benchmarks/gpu_check.sh)
+# CUDA / Triton (skipped without a GPU; benchmarks/gpu_check.sh runs them on one)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -414,7 +582,7 @@ def test_cuda_matches_reference(backend, dtype):
     mask = (torch.arange(67) % 6 != 2).cuda()
     out = _fused_backward(a, b, 2.0, 0.6, 1.4, row_mask=mask, backend=backend)
     ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, 2.0, 0.6, 1.4, mask)
-    tol = FP32 if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    tol = FP32 if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
     torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
     torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
     torch.testing.assert_close(a.grad.float(), ref_ga.float(), **tol)

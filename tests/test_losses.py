@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
+import ctcd_ds.losses
 from ctcd_ds.losses.reference import bidirectional_kd_loss, kd_loss
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_value_and_gradient_match_the_closed_form():
@@ -39,3 +46,37 @@ def test_zero_rows_is_zero_not_nan():
 def test_identical_distributions_give_zero():
     z = torch.randn(4, 6)
     assert kd_loss(z, z.clone().requires_grad_(), 3.0).abs().item() < 1e-6
+
+
+def test_package_exports_the_public_api():
+    expected = {
+        "kd_loss",
+        "bidirectional_kd_loss",
+        "hidden_mse",
+        "bidirectional_kl",
+        "BidirectionalKL",
+        "fused_linear_bidirectional_kl",
+        "LinearBidirectionalKL",
+    }
+    assert set(ctcd_ds.losses.__all__) == expected
+    assert all(callable(getattr(ctcd_ds.losses, name)) for name in expected)
+
+
+def test_package_imports_only_torch():
+    """``ctcd_ds.losses`` needs torch alone: importing it loads only its own modules and the standard library
+    (triton is optional and imported only where installed)."""
+    code = (
+        "import sys, torch; before = set(sys.modules); import ctcd_ds.losses; "
+        "print(*sorted(set(sys.modules) - before), sep=chr(10))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    loaded = res.stdout.split()
+    assert "ctcd_ds.losses.fused_linear" in loaded
+    others = [
+        m
+        for m in loaded
+        if not (m == "ctcd_ds" or m.startswith("ctcd_ds.losses"))
+        and m.split(".")[0].lstrip("_") not in sys.stdlib_module_names
+        and m.split(".")[0] != "triton"
+    ]
+    assert others == [], others

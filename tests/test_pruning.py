@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from ctcd_ds.models import count_parameters
-from ctcd_ds.pruning import (
-    PruneMasks, Pruner, Sandwich, Widths, attach, cubic_kept, one_shot_scores, prune_bert, prune_lowest, prune_to, structure_scores,
-    target_problems,
-)
+from ctcd_ds.pruning.importance import one_shot_scores, structure_scores
+from ctcd_ds.pruning.masks import PruneMasks, attach, prune_lowest, prune_to
+from ctcd_ds.pruning.minidisc import Candidate, choice_of, rebuild_choice, recorded_choice, write_table
+from ctcd_ds.pruning.schedule import cubic_kept
+from ctcd_ds.pruning.surgery import prune_bert
+from ctcd_ds.pruning.training import Pruner, Sandwich
+from ctcd_ds.pruning.widths import Widths, target_problems
 
-CFG = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, max_position_embeddings=32)
+CFG = {
+    "vocab_size": 97,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 96,
+    "max_position_embeddings": 32,
+}
 
 
 def _model(seed: int = 0) -> BertForMaskedLM:
@@ -82,11 +95,18 @@ def test_structure_scores_sum_the_sensitivities_of_each_structure():
     s = {n: (p.detach() * p.grad).abs() for n, p in model.named_parameters()}
     p = "bert.encoder.layer.1."
     h = slice(2 * 16, 3 * 16)  # head 2 of layer 1
-    expected = sum(s[f"{p}attention.self.{x}.weight"][h].sum() + s[f"{p}attention.self.{x}.bias"][h].sum() for x in ("query", "key", "value"))
+    expected = sum(
+        s[f"{p}attention.self.{x}.weight"][h].sum() + s[f"{p}attention.self.{x}.bias"][h].sum()
+        for x in ("query", "key", "value")
+    )
     expected += s[f"{p}attention.output.dense.weight"][:, h].sum()
     assert heads[1, 2].item() == pytest.approx(expected.item(), rel=1e-5)
     j = 7  # FFN neuron 7 of layer 1
-    expected = s[f"{p}intermediate.dense.weight"][j].sum() + s[f"{p}intermediate.dense.bias"][j] + s[f"{p}output.dense.weight"][:, j].sum()
+    expected = (
+        s[f"{p}intermediate.dense.weight"][j].sum()
+        + s[f"{p}intermediate.dense.bias"][j]
+        + s[f"{p}output.dense.weight"][:, j].sum()
+    )
     assert ffn[1, j].item() == pytest.approx(expected.item(), rel=1e-5)
     d = 5  # hidden dim 5: every parameter indexed by the residual stream (the decoder is tied to the word embeddings)
     expected = 0.0
@@ -95,7 +115,10 @@ def test_structure_scores_sum_the_sensitivities_of_each_structure():
             continue
         if "embeddings" in name and name.endswith("embeddings.weight"):
             expected += t[:, d].sum()
-        elif name.endswith("LayerNorm.weight") or name.endswith("LayerNorm.bias") or name.endswith("output.dense.bias") or name == "cls.predictions.transform.dense.bias":
+        elif (
+            name.endswith(("LayerNorm.weight", "LayerNorm.bias", "output.dense.bias"))
+            or name == "cls.predictions.transform.dense.bias"
+        ):
             expected += t[d]
         elif any(name.endswith(f"{x}.weight") for x in ("query", "key", "value", "intermediate.dense")):
             expected += t[:, d].sum()
@@ -129,7 +152,11 @@ def test_pruner_reaches_its_target_on_schedule():
         expected = pruner.widths_at(step) if step >= 2 and (step % 2 == 0 or step == 7) else None
         if expected is not None:
             assert masks.kept() == expected, step
-        assert kept == {"kept_hidden": masks.kept().hidden, "kept_heads": masks.kept().heads, "kept_ffn": masks.kept().ffn}
+        assert kept == {
+            "kept_hidden": masks.kept().hidden,
+            "kept_heads": masks.kept().heads,
+            "kept_ffn": masks.kept().ffn,
+        }
     assert masks.kept() == Widths(32, 2, 48)
     assert int(masks.scored_steps) == 10
 
@@ -165,3 +192,24 @@ def test_sandwich_view_is_the_sub_network_of_the_most_important_units():
     sub = PruneMasks(model.config)
     sub.heads.copy_(heads), sub.ffn.copy_(ffn), sub.hidden.copy_(hidden)
     torch.testing.assert_close(prune_bert(model, sub)(input_ids=full_ids).logits, half, rtol=1e-5, atol=1e-5)
+
+
+def test_widths_imports_no_deepspeed():
+    """Config validation imports ``ctcd_ds.pruning.widths``; it must stay DeepSpeed-free."""
+    code = "import sys, ctcd_ds.pruning.widths; sys.exit('deepspeed' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
+
+
+def test_minidisc_choice_rebuilds_the_candidate_shape(tmp_path):
+    model = _model()
+    chosen = Candidate(0.5, hidden=32, heads=2, ffn=48, params=1, param_sparsity=0.5, mlm_accuracy=0.1, score=0.6)
+    choice = choice_of(chosen)
+    assert choice == {"hidden": 32, "heads": 2, "ffn": 48}
+    ta = rebuild_choice(model, choice)
+    assert type(ta) is BertForMaskedLM
+    assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (32, 2, 48)
+    assert ta.config.num_hidden_layers == 2 and model.config.hidden_size == 64  # the teacher's config is untouched
+    other = Candidate(0.25, 48, 3, 72, 2, 0.25, 0.2, 0.45)
+    write_table(tmp_path, "ta", [other, chosen], best=1, lam=1.0)
+    recorded = recorded_choice(model, tmp_path, "ta")
+    assert recorded.config.to_dict() == ta.config.to_dict()

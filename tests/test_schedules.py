@@ -1,4 +1,5 @@
-"""Distillation schedules as recipes: edge weight schedules, DWT (with remapping), Community KD, HomoDistil, MiniDisc."""
+"""Distillation schedules as recipes: edge weight schedules, DWT (with remapping), Community KD, HomoDistil,
+MiniDisc."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from conftest import PYTHON, free_port, read_metrics, run, run_cli
+from ctcd_ds import layout
+from ctcd_ds.errors import UserError
 from ctcd_ds.graph import scheduled_weight
 from ctcd_ds.models import build_model, count_parameters, remap_init
-from ctcd_ds.pruning import cubic_kept
+from ctcd_ds.pruning.schedule import cubic_kept
 from ctcd_ds.tokenizer import load_tokenizer
+
+from conftest import PYTHON, free_port, read_metrics, run, run_cli
 
 
 @pytest.mark.parametrize(
@@ -36,7 +40,9 @@ def weak_teacher(tmp_path_factory, tokenizer_dir) -> Path:
     """A 'pretrained' 2L-256 model (random weights) with the run's tokenizer: weaker than tiny-teacher 4L-256."""
     out = tmp_path_factory.mktemp("weak") / "model"
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)).save_pretrained(out)
+    BertForMaskedLM(
+        BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
+    ).save_pretrained(out)
     load_tokenizer(tokenizer_dir).save_pretrained(str(out))
     return out
 
@@ -47,52 +53,86 @@ def test_remapping_copies_layers_and_repeats_the_last(weak_teacher):
     assert mapping == [0, 1, 1, 1]
     source = BertForMaskedLM.from_pretrained(weak_teacher)
     for dst, src in enumerate(mapping):
-        for (name, a), b in zip(student.bert.encoder.layer[dst].state_dict().items(), source.bert.encoder.layer[src].state_dict().values()):
+        for (name, a), b in zip(
+            student.bert.encoder.layer[dst].state_dict().items(), source.bert.encoder.layer[src].state_dict().values()
+        ):
             assert torch.equal(a, b), (dst, name)
     assert torch.equal(student.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
     assert torch.equal(student.cls.predictions.transform.dense.weight, source.cls.predictions.transform.dense.weight)
 
 
 def test_remapping_needs_equal_widths(weak_teacher):
-    with pytest.raises(ValueError, match="hidden_size=256 differs from this member's hidden_size=128"):
+    with pytest.raises(UserError, match="hidden_size=256 differs from this member's hidden_size=128"):
         remap_init(build_model("tiny-student", 1000, 0), str(weak_teacher))
 
 
 def _tiny(out: Path) -> list[str]:
-    return [f"--output_dir={out}", "--data.seq_len=64", "--data.max_train_blocks=128", "--train.micro_batch_size=8",
-            "--train.steps=6", "--train.log_every=1", "--train.eval_batches=1", "--checkpoint.every=0"]
+    return [
+        f"--output_dir={out}",
+        "--data.seq_len=64",
+        "--data.max_train_blocks=128",
+        "--train.micro_batch_size=8",
+        "--train.steps=6",
+        "--train.log_every=1",
+        "--train.eval_batches=1",
+        "--checkpoint.every=0",
+    ]
 
 
 def test_dwt_recipe_follows_its_weight_schedule_and_remaps(weak_teacher, tmp_path):
-    _, run_dir = run([*_tiny(tmp_path / "dwt"), f"--members.weak_teacher.model={weak_teacher}", f"--members.student.init_from={weak_teacher}",
-                      "--edges.0.schedule_steps=4"], config="dwt")
+    _, run_dir = run(
+        [
+            *_tiny(tmp_path / "dwt"),
+            f"--members.weak_teacher.model={weak_teacher}",
+            f"--members.student.init_from={weak_teacher}",
+            "--edges.0.schedule_steps=4",
+        ],
+        config="dwt",
+    )
     train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
     assert [m["edge/weak_teacher->student/weight"] for m in train] == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0, 1.0])
     for m in train:  # the logged weight is the one applied
         w = m["edge/weak_teacher->student/weight"]
-        assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + w * m["student/kd_loss_from_weak_teacher"], rel=1e-5)
+        assert m["student/total_loss"] == pytest.approx(
+            m["student/mlm_loss"] + w * m["student/kd_loss_from_weak_teacher"], rel=1e-5
+        )
     assert "weak_teacher/total_loss" not in train[0]
 
 
 def test_community_kd_one_rank(weak_teacher, tmp_path):
-    _, run_dir = run([*_tiny(tmp_path / "ckd"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"], config="community_kd")
+    _, run_dir = run(
+        [*_tiny(tmp_path / "ckd"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"], config="community_kd"
+    )
     first = read_metrics(run_dir)[0]
     for me, peer in (("student_a", "student_b"), ("student_b", "student_a")):
         assert first[f"{me}/kd_loss_from_teacher"] > 0 and first[f"{me}/kd_loss_from_{peer}"] > 0
-        assert first[f"{me}/total_loss"] == pytest.approx(first[f"{me}/mlm_loss"] + first[f"{me}/kd_loss_from_teacher"] + first[f"{me}/kd_loss_from_{peer}"], rel=1e-5)
+        assert first[f"{me}/total_loss"] == pytest.approx(
+            first[f"{me}/mlm_loss"] + first[f"{me}/kd_loss_from_teacher"] + first[f"{me}/kd_loss_from_{peer}"], rel=1e-5
+        )
     assert first["student_a/mlm_loss"] != first["student_b/mlm_loss"]  # two differently initialised students
 
 
 def _same_weights(a: Path, b: Path) -> None:
-    live, offline = AutoModelForMaskedLM.from_pretrained(a).state_dict(), AutoModelForMaskedLM.from_pretrained(b).state_dict()
+    live, offline = (
+        AutoModelForMaskedLM.from_pretrained(a).state_dict(),
+        AutoModelForMaskedLM.from_pretrained(b).state_dict(),
+    )
     assert live.keys() == offline.keys()
     for k in live:
         torch.testing.assert_close(live[k], offline[k], rtol=0, atol=0, msg=k)
 
 
 def test_homodistil_prunes_on_its_schedule_and_exports_a_smaller_model(weak_teacher, tmp_path):
-    summary, run_dir = run([*_tiny(tmp_path / "homo"), f"--members.teacher.model={weak_teacher}", "--train.steps=8",
-                            "--members.student.prune.end=0.5", "--checkpoint.every=4"], config="homodistil")
+    summary, run_dir = run(
+        [
+            *_tiny(tmp_path / "homo"),
+            f"--members.teacher.model={weak_teacher}",
+            "--train.steps=8",
+            "--members.student.prune.end=0.5",
+            "--checkpoint.every=4",
+        ],
+        config="homodistil",
+    )
     train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
     progress = [(s + 1) / 4 for s in range(8)]  # start 0, end = 0.5 x 8 steps
     assert [m["student/kept_ffn"] for m in train] == [cubic_kept(1024, 512, p) for p in progress]
@@ -101,8 +141,12 @@ def test_homodistil_prunes_on_its_schedule_and_exports_a_smaller_model(weak_teac
     assert train[-1]["student/kept_hidden"] == 128 and train[3]["student/kept_ffn"] == 512
     for m in train:  # MLM + prediction KL + hidden-state MSE, all weight 1
         assert m["student/hidden_mse_from_teacher"] > 0
-        assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + m["student/kd_loss_from_teacher"] + m["student/hidden_mse_from_teacher"], rel=1e-5)
-    assert train[0]["student/kd_loss_from_teacher"] < 0.05  # a copy of the teacher: only dropout (and the first pruning) differ
+        assert m["student/total_loss"] == pytest.approx(
+            m["student/mlm_loss"] + m["student/kd_loss_from_teacher"] + m["student/hidden_mse_from_teacher"], rel=1e-5
+        )
+    assert (
+        train[0]["student/kd_loss_from_teacher"] < 0.05
+    )  # a copy of the teacher: only dropout (and the first pruning) differ
     student = AutoModelForMaskedLM.from_pretrained(summary["exports"]["student"])
     c = student.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (2, 128, 2, 512)
@@ -128,10 +172,22 @@ def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_pat
     assert table["chosen"] == max(range(3), key=lambda i: rows[i]["score"])
     best = rows[table["chosen"]]
     ta = AutoModelForMaskedLM.from_pretrained(summary["exports"]["ta"])
-    assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (best["hidden"], best["heads"], best["ffn"])
+    assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (
+        best["hidden"],
+        best["heads"],
+        best["ffn"],
+    )
     assert count_parameters(ta) == best["params"]
     first = read_metrics(run_dir)[0]
-    assert first["ta/kd_loss_from_teacher"] > 0 and first["student/kd_loss_from_ta"] > 0 and "teacher/total_loss" not in first
+    assert (
+        first["ta/kd_loss_from_teacher"] > 0
+        and first["student/kd_loss_from_ta"] > 0
+        and "teacher/total_loss" not in first
+    )
+    # the choice is part of the checkpoint's trainer state: export and resume need nothing else
+    state = json.loads((layout.latest(run_dir) / layout.STATE_FILE).read_text())
+    assert state["task"]["ta"]["minidisc"] == {"hidden": best["hidden"], "heads": best["heads"], "ffn": best["ffn"]}
+    (run_dir / "minidisc_candidates.json").unlink()
     offline = tmp_path / "offline"
     result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(offline)])
     assert result.returncode == 0, result.stderr
@@ -145,30 +201,62 @@ def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_pat
 
 
 def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path):
-    summary, run_dir = run([*_tiny(tmp_path / "sandwich"), f"--members.teacher.model={weak_teacher}", "--train.steps=3",
-                            "--members.ta.minidisc.sparsities=[0.5]", "--members.student.minidisc.sandwich=[0.5,0.25]"], config="minidisc")
+    summary, run_dir = run(
+        [
+            *_tiny(tmp_path / "sandwich"),
+            f"--members.teacher.model={weak_teacher}",
+            "--train.steps=3",
+            "--members.ta.minidisc.sparsities=[0.5]",
+            "--members.student.minidisc.sandwich=[0.5,0.25]",
+        ],
+        config="minidisc",
+    )
     train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
     for m in train:
         views = [m["student/kd_loss_from_ta"], m["student@0.5/kd_loss_from_ta"], m["student@0.25/kd_loss_from_ta"]]
         assert len(set(views)) == 3  # three different (sub-)networks
-        assert m["edge/ta->student@0.5/weight"] == pytest.approx(1 / 3) and m["edge/ta->student/weight"] == pytest.approx(1 / 3)
+        assert m["edge/ta->student@0.5/weight"] == pytest.approx(1 / 3) and m[
+            "edge/ta->student/weight"
+        ] == pytest.approx(1 / 3)
         assert m["student/total_loss"] == pytest.approx(m["student/mlm_loss"] + sum(views) / 3, rel=1e-5)
     student = AutoModelForMaskedLM.from_pretrained(summary["exports"]["student"])
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 128)  # weight-shared: the full student
 
 
-@pytest.mark.parametrize("recipe,member_flag", [("dwt", "weak_teacher"), ("community_kd", "teacher"), ("homodistil", "teacher"), ("minidisc", "teacher")])
+@pytest.mark.parametrize(
+    "recipe,member_flag",
+    [("dwt", "weak_teacher"), ("community_kd", "teacher"), ("homodistil", "teacher"), ("minidisc", "teacher")],
+)
 def test_recipes_on_two_ranks(recipe, member_flag, weak_teacher, tmp_path):
     out = tmp_path / recipe
-    extra = ["--members.student.minidisc.sandwich=[0.5]"] if recipe == "minidisc" else []  # with the optional sandwich views
-    result = run_cli(["bash", "launchers/pretrain.sh", "NUM_GPUS=2", f"MASTER_PORT={free_port()}", f"CONFIG={recipe}",
-                      *_tiny(out), "--train.steps=3", f"--members.{member_flag}.model={weak_teacher}", *extra], timeout=600)
+    extra = (
+        ["--members.student.minidisc.sandwich=[0.5]"] if recipe == "minidisc" else []
+    )  # with the optional sandwich views
+    result = run_cli(
+        [
+            "bash",
+            "launchers/pretrain.sh",
+            "NUM_GPUS=2",
+            f"MASTER_PORT={free_port()}",
+            f"CONFIG={recipe}",
+            *_tiny(out),
+            "--train.steps=3",
+            f"--members.{member_flag}.model={weak_teacher}",
+            *extra,
+        ],
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if any(k.endswith("/total_loss") for k in m)] == [1, 2, 3]
-    assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("rng_rank*")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("rng_rank*")) == [
+        "rng_rank00000.pt",
+        "rng_rank00001.pt",
+    ]
     if recipe == "homodistil":  # pruned to its target within the run, on both ranks alike (the export is rank 0's)
-        assert [m["student/kept_hidden"] for m in metrics if "student/kept_hidden" in m] == [cubic_kept(256, 128, p) for p in (0.5, 1.0, 1.0)]
+        assert [m["student/kept_hidden"] for m in metrics if "student/kept_hidden" in m] == [
+            cubic_kept(256, 128, p) for p in (0.5, 1.0, 1.0)
+        ]
         c = AutoModelForMaskedLM.from_pretrained(out / "export" / "student").config
         assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (128, 2, 512)
     if recipe == "minidisc":

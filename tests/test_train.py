@@ -9,8 +9,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from ctcd_ds import layout
+
 from conftest import PYTHON, read_metrics, run, run_cli, train_losses
-from ctcd_ds import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +19,17 @@ def ctcd_run(tmp_path_factory, tokenizer_dir):
     """One 6-step CTCD run (ZeRO-2), checkpoints at steps 3 and 6, shared by the tests below."""
     out = tmp_path_factory.mktemp("ctcd") / "run"
     overrides = [
-        f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--data.seq_len=64", "--data.max_train_blocks=256",
-        "--train.micro_batch_size=8", "--train.steps=6", "--train.log_every=1", "--train.eval_every=3",
-        "--train.eval_batches=2", "--checkpoint.every=3", "--checkpoint.keep_last=0",
+        f"--output_dir={out}",
+        f"--tokenizer.path={tokenizer_dir}",
+        "--data.seq_len=64",
+        "--data.max_train_blocks=256",
+        "--train.micro_batch_size=8",
+        "--train.steps=6",
+        "--train.log_every=1",
+        "--train.eval_every=3",
+        "--train.eval_batches=2",
+        "--checkpoint.every=3",
+        "--checkpoint.keep_last=0",
     ]
     summary, run_dir = run(overrides)
     return summary, run_dir, overrides
@@ -28,11 +37,17 @@ def ctcd_run(tmp_path_factory, tokenizer_dir):
 
 def test_run_layout_and_summary(ctcd_run):
     summary, run_dir, _ = ctcd_run
-    ckpts = sorted(p.name for p in checkpoint.root(run_dir).glob("step_*"))
+    ckpts = sorted(p.name for p in layout.checkpoints_dir(run_dir).glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
-    assert (checkpoint.root(run_dir) / "latest").read_text() == "step_00000006"
-    last = checkpoint.root(run_dir) / "step_00000006"
-    assert {p.name for p in last.iterdir()} >= {"teacher", "student", "rng_rank00000.pt", "trainer_state.json", "config.yaml"}
+    assert (layout.checkpoints_dir(run_dir) / "latest").read_text() == "step_00000006"
+    last = layout.checkpoints_dir(run_dir) / "step_00000006"
+    assert {p.name for p in last.iterdir()} >= {
+        "teacher",
+        "student",
+        "rng_rank00000.pt",
+        "trainer_state.json",
+        "config.yaml",
+    }
     assert summary["checkpoint"] == str(last)
     assert set(summary["exports"]) == {"teacher", "student"}
     assert summary["tokens_per_s"] > 0  # measured over steps 2-6
@@ -59,7 +74,9 @@ def test_losses_are_mlm_plus_weighted_kd(ctcd_run):
     _, run_dir, _ = ctcd_run
     for m in read_metrics(run_dir):
         if "teacher/total_loss" in m:
-            assert m["teacher/total_loss"] == pytest.approx(m["teacher/mlm_loss"] + m["teacher/kd_loss_from_student"], rel=1e-5)
+            assert m["teacher/total_loss"] == pytest.approx(
+                m["teacher/mlm_loss"] + m["teacher/kd_loss_from_student"], rel=1e-5
+            )
             assert m["student/kd_loss_from_teacher"] > 0
 
 
@@ -67,32 +84,56 @@ def test_resume_equals_uninterrupted(ctcd_run, tmp_path):
     """Stop after step 3 (keep only that checkpoint), resume: steps 4-6 match the uninterrupted run."""
     _, run_dir, overrides = ctcd_run
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(checkpoint.root(run_dir) / "step_00000003", checkpoint.root(resumed_dir) / "step_00000003")
-    (checkpoint.root(resumed_dir) / "latest").write_text("step_00000003")
+    shutil.copytree(
+        layout.checkpoints_dir(run_dir) / "step_00000003", layout.checkpoints_dir(resumed_dir) / "step_00000003"
+    )
+    (layout.checkpoints_dir(resumed_dir) / "latest").write_text("step_00000003")
     run([*overrides, f"--output_dir={resumed_dir}"])
     for member in ("teacher", "student"):
         full, resumed = train_losses(run_dir, member), train_losses(resumed_dir, member)
         assert sorted(resumed) == [4, 5, 6]
         for step in (4, 5, 6):
-            assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (member, step, resumed[step], full[step])
+            assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (
+                member,
+                step,
+                resumed[step],
+                full[step],
+            )
 
 
 def test_fused_and_reference_kd_losses_train_alike(ctcd_run, tmp_path):
     """The default fused loss and the plain-torch reference give the same per-step losses and grad norms."""
     _, run_dir, overrides = ctcd_run
     assert read_metrics(run_dir)[0] and "kd_loss: fused" in (run_dir / "config.yaml").read_text()
-    _, ref_dir = run([*overrides, f"--output_dir={tmp_path / 'reference'}", "--checkpoint.every=0", "--export=false", "--train.kd_loss=reference"])
+    _, ref_dir = run(
+        [
+            *overrides,
+            f"--output_dir={tmp_path / 'reference'}",
+            "--checkpoint.every=0",
+            "--export=false",
+            "--train.kd_loss=reference",
+        ]
+    )
     fused = {m["step"]: m for m in read_metrics(run_dir) if "teacher/total_loss" in m}
     reference = {m["step"]: m for m in read_metrics(ref_dir) if "teacher/total_loss" in m}
     assert sorted(fused) == sorted(reference) == [1, 2, 3, 4, 5, 6]
     for step in fused:
-        for key in ("teacher/mlm_loss", "teacher/kd_loss_from_student", "student/kd_loss_from_teacher", "student/total_loss", "teacher/grad_norm", "student/grad_norm"):
+        for key in (
+            "teacher/mlm_loss",
+            "teacher/kd_loss_from_student",
+            "student/kd_loss_from_teacher",
+            "student/total_loss",
+            "teacher/grad_norm",
+            "student/grad_norm",
+        ):
             assert fused[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
 
 
 def test_export_round_trip(ctcd_run, tmp_path):
     summary, run_dir, _ = ctcd_run
-    result = run_cli([PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "offline")])
+    result = run_cli(
+        [PYTHON, "-m", "ctcd_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "offline")]
+    )
     assert result.returncode == 0, result.stderr
     for member, path in summary["exports"].items():
         live = AutoModelForMaskedLM.from_pretrained(path)
@@ -107,11 +148,19 @@ def test_export_round_trip(ctcd_run, tmp_path):
 
 @pytest.mark.parametrize("template", ["zero0", "zero1", "zero3"])
 def test_other_zero_stages_train_and_export(template, tmp_path, tokenizer_dir):
-    summary, run_dir = run([
-        f"--output_dir={tmp_path / template}", f"--tokenizer.path={tokenizer_dir}", "--data.seq_len=32", "--data.max_train_blocks=64",
-        "--train.micro_batch_size=4", "--train.grad_accum_steps=2", "--train.steps=2", "--train.eval_batches=1",
-        f"--deepspeed.template={template}",
-    ])
+    summary, run_dir = run(
+        [
+            f"--output_dir={tmp_path / template}",
+            f"--tokenizer.path={tokenizer_dir}",
+            "--data.seq_len=32",
+            "--data.max_train_blocks=64",
+            "--train.micro_batch_size=4",
+            "--train.grad_accum_steps=2",
+            "--train.steps=2",
+            "--train.eval_batches=1",
+            f"--deepspeed.template={template}",
+        ]
+    )
     metrics = read_metrics(run_dir)
     assert metrics[-1]["eval/teacher/mlm_loss"] > 0 and metrics[0]["teacher/grad_norm"] > 0
     model = AutoModelForMaskedLM.from_pretrained(summary["exports"]["teacher"])
@@ -121,10 +170,18 @@ def test_other_zero_stages_train_and_export(template, tmp_path, tokenizer_dir):
 def test_one_way_kd_with_a_frozen_pretrained_teacher(ctcd_run, tmp_path):
     summary, _, _ = ctcd_run
     teacher_dir = summary["exports"]["teacher"]
-    _, run_dir = run([
-        f"--output_dir={tmp_path / 'kd'}", f"--members.teacher.model={teacher_dir}", "--data.seq_len=64",
-        "--data.max_train_blocks=64", "--train.micro_batch_size=8", "--train.steps=2", "--train.eval_batches=1",
-    ], config="kd")
+    _, run_dir = run(
+        [
+            f"--output_dir={tmp_path / 'kd'}",
+            f"--members.teacher.model={teacher_dir}",
+            "--data.seq_len=64",
+            "--data.max_train_blocks=64",
+            "--train.micro_batch_size=8",
+            "--train.steps=2",
+            "--train.eval_batches=1",
+        ],
+        config="kd",
+    )
     metrics = read_metrics(run_dir)
     assert "student/kd_loss_from_teacher" in metrics[0] and "teacher/total_loss" not in metrics[0]
     assert "eval/teacher/mlm_loss" in metrics[-1]  # the frozen teacher is still evaluated
@@ -141,7 +198,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 def test_gpu_bf16_fused_and_reference_train_alike(template, tiny, tmp_path):
     """On a GPU: bf16 CTCD through the real engines with the fused loss (the Triton kernel where installed) and
     with the reference loss; the losses agree to bf16 accuracy, stay finite and the peak GPU memory is logged."""
-    common = [*tiny, "--train.precision=bf16", f"--deepspeed.template={template}", "--checkpoint.every=0", "--export=false"]
+    common = [
+        *tiny,
+        "--train.precision=bf16",
+        f"--deepspeed.template={template}",
+        "--checkpoint.every=0",
+        "--export=false",
+    ]
     _, fused_dir = run([*common, f"--output_dir={tmp_path / 'fused'}"])
     _, ref_dir = run([*common, f"--output_dir={tmp_path / 'reference'}", "--train.kd_loss=reference"])
     fused = {m["step"]: m for m in read_metrics(fused_dir) if "teacher/total_loss" in m}

@@ -42,7 +42,10 @@ def bidirectional_kd_loss(
 
 
 def hidden_mse(
-    source_hidden: torch.Tensor, target_hidden: torch.Tensor, source_keep: torch.Tensor | None = None, target_keep: torch.Tensor | None = None
+    source_hidden: torch.Tensor,
+    target_hidden: torch.Tensor,
+    source_keep: torch.Tensor | None = None,
+    target_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between two members' hidden states ``[rows, H]`` (source detached), in float32.
 

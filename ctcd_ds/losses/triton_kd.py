@@ -1,11 +1,9 @@
 """Triton kernel for the fused bidirectional KL (CUDA), used by :mod:`ctcd_ds.losses.fused` on CUDA tensors.
 
-GPU-only: it cannot run on our CPU machines, where its tests are skipped. Checked on an NVIDIA H200
-(2026-11-26, Triton 3.6, torch 2.11): the CUDA tests of ``tests/test_fused_kd.py`` (against the reference in
-fp32/bf16/fp16, against the torch path under every launch setting of :data:`TUNING_GRID`, the LM-head
-variant) and the bf16 training tests of ``tests/test_train.py`` passed; the figures are in the README
-("GPU results") and ``benchmarks/results/gpu-h200-2026-11-26``. ``backend="torch"`` bypasses it.
-The kernel's logic also runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
+GPU-only: the kernel needs a CUDA device and Triton; without them its tests are skipped
+(``benchmarks/gpu_check.sh`` runs them on a GPU: against the reference in fp32/bf16/fp16, against the torch
+path under every launch setting of :data:`TUNING_GRID`, and the LM-head variant). ``backend="torch"``
+bypasses it. The kernel's logic also runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 
 One program per row (or a persistent grid looping over rows, :data:`PROGRAMS_PER_SM`): pass 1 streams
 both rows over V in blocks with an online softmax (running max and sum for a and b, plus the running sums
@@ -27,7 +25,7 @@ try:  # guarded: triton is optional (absent on CPU-only machines)
     import triton.language as tl
 
     TRITON_AVAILABLE = True
-except Exception:  # ImportError, or a broken install
+except Exception:  # noqa: BLE001 (ImportError, or a broken install: either way, no kernel)
     triton = None
     tl = None
     TRITON_AVAILABLE = False
@@ -43,7 +41,7 @@ PROGRAMS_PER_SM: int | None = None
 over rows, so that fewer rows are in flight and pass 2 re-reads them from L2 rather than from memory."""
 
 TUNING_GRID = tuple(
-    dict(block=block, warps=warps, programs_per_sm=pps)
+    {"block": block, "warps": warps, "programs_per_sm": pps}
     for block, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))
     for pps in (None, 2, 4)
 )
@@ -69,7 +67,8 @@ def launch_settings(block: int, warps: int, programs_per_sm: int | None):
 
 
 if TRITON_AVAILABLE:
-
+    # the arguments grouped as the launch passes them
+    # fmt: off
     @triton.jit
     def _bidirectional_kl_kernel(
         za_ptr, zb_ptr, stride_za, stride_zb,
@@ -79,6 +78,7 @@ if TRITON_AVAILABLE:
         n_rows, n_programs, rows_per_program, V, inv_tau, ka, kb,
         HAS_ROWS: tl.constexpr, HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        # fmt: on
         # program p handles rows p, p + P, p + 2P, ... (P = n_programs, the grid size: n_rows, or fewer when
         # persistent); the trip count comes from the host (the interpreter needs a plain range)
         for i in range(0, rows_per_program):
@@ -133,15 +133,19 @@ if TRITON_AVAILABLE:
                         xb = tl.load(zb_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
                         diff = tl.exp(xa - lse_a) - tl.exp(xb - lse_b)
                         if HAS_GA:
-                            tl.store(ga_ptr + row * stride_ga + offs, (diff * ka).to(ga_ptr.dtype.element_ty), mask=mask)
+                            tl.store(
+                                ga_ptr + row * stride_ga + offs, (diff * ka).to(ga_ptr.dtype.element_ty), mask=mask
+                            )
                         if HAS_GB:
-                            tl.store(gb_ptr + row * stride_gb + offs, (diff * kb).to(gb_ptr.dtype.element_ty), mask=mask)
+                            tl.store(
+                                gb_ptr + row * stride_gb + offs, (diff * kb).to(gb_ptr.dtype.element_ty), mask=mask
+                            )
 
 
 def bidirectional_kl_rows(za, zb, rows, inv_tau, ka, kb, grad_a, grad_b, kl_ab_rows, kl_ba_rows) -> None:
-    """Same contract as ``fused._torch_rows``: for each row ``r`` of ``rows`` (LongTensor on the device, or
-    None = every row), ``kl_*_rows[i]`` = the row's KL values and ``grad_x[r] = (p_a - p_b) * k_x`` for the
-    gradients that are not None. ``za``, ``zb``: ``[N, V]`` CUDA tensors; ``kl_*_rows``: float32."""
+    """Same contract as ``ctcd_ds.losses.fused._torch_rows``: for each row ``r`` of ``rows`` (LongTensor on
+    the device, or None = every row), ``kl_*_rows[i]`` = the row's KL values and ``grad_x[r] = (p_a - p_b) * k_x``
+    for the gradients that are not None. ``za``, ``zb``: ``[N, V]`` CUDA tensors; ``kl_*_rows``: float32."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("triton is not installed")
     if za.stride(1) != 1:
@@ -160,6 +164,7 @@ def bidirectional_kl_rows(za, zb, rows, inv_tau, ka, kb, grad_a, grad_b, kl_ab_r
         sms = torch.cuda.get_device_properties(za.device).multi_processor_count
         programs = min(n, sms * PROGRAMS_PER_SM)
     dummy = kl_ab_rows  # any device pointer for the arguments a specialisation never reads
+    # fmt: off
     _bidirectional_kl_kernel[(programs,)](
         za, zb, za.stride(0), zb.stride(0),
         rows if rows is not None else dummy,
@@ -171,6 +176,16 @@ def bidirectional_kl_rows(za, zb, rows, inv_tau, ka, kb, grad_a, grad_b, kl_ab_r
         BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)),
         num_warps=NUM_WARPS,
     )
+    # fmt: on
 
 
-__all__ = ["TRITON_AVAILABLE", "BLOCK_V", "NUM_WARPS", "PROGRAMS_PER_SM", "TUNING_GRID", "bidirectional_kl_rows", "launch_name", "launch_settings"]
+__all__ = [
+    "BLOCK_V",
+    "NUM_WARPS",
+    "PROGRAMS_PER_SM",
+    "TRITON_AVAILABLE",
+    "TUNING_GRID",
+    "bidirectional_kl_rows",
+    "launch_name",
+    "launch_settings",
+]

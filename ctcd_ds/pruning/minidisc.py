@@ -3,7 +3,8 @@
 Candidates are the teacher pruned, in one shot, to a grid of width sparsities ``s``: each keeps
 ``(1 - s)`` of the attention heads (so of the hidden width, ``heads x head size``) and of the FFN
 neurons, the structures ranked by the sensitivities ``|theta * dL/dtheta|`` of the MLM loss on a few
-training batches (``ctcd_ds.pruning``). Each candidate is scored without any training:
+training batches (:func:`ctcd_ds.pruning.importance.one_shot_scores`). Each candidate is scored without any
+training:
 
     score(s) = held-out MLM accuracy(s) + lambda * sparsity(s)
 
@@ -23,7 +24,10 @@ from transformers import BertForMaskedLM
 from ctcd_ds import dist
 from ctcd_ds.config import MiniDiscConfig
 from ctcd_ds.models import count_parameters
-from ctcd_ds.pruning import PruneMasks, Widths, one_shot_scores, prune_bert, prune_to, pruned_config, widths_at_sparsity
+from ctcd_ds.pruning.importance import one_shot_scores
+from ctcd_ds.pruning.masks import PruneMasks, prune_to
+from ctcd_ds.pruning.surgery import prune_bert
+from ctcd_ds.pruning.widths import Widths, pruned_config, widths_at_sparsity
 
 TABLE_FILE = "minidisc_candidates.json"
 
@@ -50,14 +54,21 @@ def mlm_accuracy(model: BertForMaskedLM, batches: list[dict[str, torch.Tensor]],
     for batch in batches:
         labels = batch["labels"].to(device)
         predict = labels != -100
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits[predict]
-        counts += torch.tensor([(logits.argmax(-1) == labels[predict]).sum().item(), predict.sum().item()], dtype=torch.float64)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits[predict]
+        counts += torch.tensor(
+            [(logits.argmax(-1) == labels[predict]).sum().item(), predict.sum().item()], dtype=torch.float64
+        )
     correct, total = dist.all_reduce_sum(counts).tolist()
     return correct / max(total, 1.0)
 
 
 def select(
-    model: BertForMaskedLM, cfg: MiniDiscConfig, score_batches: list[dict[str, torch.Tensor]], eval_batches: list[dict[str, torch.Tensor]],
+    model: BertForMaskedLM,
+    cfg: MiniDiscConfig,
+    score_batches: list[dict[str, torch.Tensor]],
+    eval_batches: list[dict[str, torch.Tensor]],
     device: torch.device,
 ) -> tuple[BertForMaskedLM, list[Candidate], int]:
     """(the best candidate as a smaller model, every candidate, the index of the best). The same on every rank:
@@ -81,25 +92,44 @@ def select(
     return models[best], candidates, best
 
 
+def choice_of(candidate: Candidate) -> dict[str, int]:
+    """The shape of ``candidate`` as a plain dict ``{"hidden", "heads", "ffn"}`` (to store, e.g. in a checkpoint's
+    trainer state, and give back to :func:`rebuild_choice`)."""
+    return {"hidden": candidate.hidden, "heads": candidate.heads, "ffn": candidate.ffn}
+
+
+def rebuild_choice(model: BertForMaskedLM, choice: dict) -> BertForMaskedLM:
+    """A fresh model of the teacher-assistant shape ``choice`` (from :func:`choice_of`) pruned from ``model``'s
+    config (resume, offline export); its weights come from the member's checkpoint."""
+    return type(model)(pruned_config(model.config, Widths(choice["hidden"], choice["heads"], choice["ffn"])))
+
+
 def recorded_choice(model: BertForMaskedLM, run_dir: Path, member: str) -> BertForMaskedLM:
-    """A fresh model of the teacher-assistant shape this run chose earlier (resume, offline export); its
-    weights come from the member's checkpoint."""
+    """A fresh model of the teacher-assistant shape this run chose earlier, as recorded in the run's
+    :data:`TABLE_FILE` (resume, offline export); its weights come from the member's checkpoint."""
     path = Path(run_dir) / TABLE_FILE
     try:
         table = json.loads(path.read_text())[member]
     except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: no MiniDisc choice recorded for member '{member}' ({exc!r}); it is needed to rebuild the teacher assistant's shape") from exc
-    c = table["candidates"][table["chosen"]]
-    return type(model)(pruned_config(model.config, Widths(c["hidden"], c["heads"], c["ffn"])))
+        raise ValueError(
+            f"{path}: no MiniDisc choice recorded for member '{member}' ({exc!r}); it is needed to rebuild the "
+            "teacher assistant's shape"
+        ) from exc
+    return rebuild_choice(model, table["candidates"][table["chosen"]])
 
 
 def table(candidates: list[Candidate], best: int, lam: float) -> str:
-    lines = [f"MiniDisc candidates (score = held-out MLM accuracy + {lam} x parameter sparsity):",
-             f"  {'sparsity':>8} {'shape':>16} {'params':>9} {'param sp.':>9} {'MLM acc':>8} {'score':>7}"]
+    lines = [
+        f"MiniDisc candidates (score = held-out MLM accuracy + {lam} x parameter sparsity):",
+        f"  {'sparsity':>8} {'shape':>16} {'params':>9} {'param sp.':>9} {'MLM acc':>8} {'score':>7}",
+    ]
     for i, c in enumerate(candidates):
         shape = f"H{c.hidden} A{c.heads} F{c.ffn}"
         mark = "  <- teacher assistant" if i == best else ""
-        lines.append(f"  {c.sparsity:>8.2f} {shape:>16} {c.params / 1e6:>8.2f}M {c.param_sparsity:>9.3f} {c.mlm_accuracy:>8.4f} {c.score:>7.4f}{mark}")
+        lines.append(
+            f"  {c.sparsity:>8.2f} {shape:>16} {c.params / 1e6:>8.2f}M {c.param_sparsity:>9.3f} "
+            f"{c.mlm_accuracy:>8.4f} {c.score:>7.4f}{mark}"
+        )
     return "\n".join(lines)
 
 

@@ -1,22 +1,28 @@
-"""Check a whole run config before anything is written; report every problem at once."""
+"""Check a whole config before anything is written; report every problem at once.
+
+``problems(cfg)`` returns one ``setting=value: reason`` line per problem; ``check(cfg)`` raises them as one
+:class:`~ctcd_ds.errors.UserError`. Choices (``Literal`` settings) and types were checked when the config
+was built. This module imports nothing that imports DeepSpeed, so checking is fast and safe anywhere.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
-from ctcd_ds import checkpoint, ds_config, losses
-from ctcd_ds.config import ConfigError, FinetuneConfig, RunConfig
-from ctcd_ds.data import corpus_files
-from ctcd_ds.graph import SCHEDULES, VIEW_SEP
-from ctcd_ds.models import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
-from ctcd_ds.pruning import target_problems, widths_at_sparsity, widths_of
+from ctcd_ds import ds_config
+from ctcd_ds.assets import corpus_files
+from ctcd_ds.config import ExperimentConfig, FinetuneConfig, PretrainConfig
+from ctcd_ds.errors import UserError
+from ctcd_ds.graph import VIEW_SEP
+from ctcd_ds.layout import is_checkpoint, latest
+from ctcd_ds.presets import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
+from ctcd_ds.pruning.widths import target_problems, widths_at_sparsity, widths_of
+from ctcd_ds.task_data import GLUE, load_splits, task_kind
 from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
 def _text_file_problem(flag: str, path: str) -> str | None:
@@ -29,7 +35,7 @@ def _text_file_problem(flag: str, path: str) -> str | None:
     return None
 
 
-def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
+def _member_problems(cfg: PretrainConfig, problems: list[str]) -> dict[str, object]:
     """Per-member checks; returns ``{flag: transformers config}`` of every pretrained directory that loaded."""
     hf_configs: dict[str, object] = {}
     if not cfg.members:
@@ -46,11 +52,20 @@ def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
     for name, m in cfg.members.items():
         flag = f"members.{name}"
         if VIEW_SEP in name:
-            problems.append(f"{flag}: member names must not contain '{VIEW_SEP}' (it names sandwich sub-networks, e.g. student{VIEW_SEP}0.5)")
+            problems.append(
+                f"{flag}: member names must not contain '{VIEW_SEP}' (it names sandwich sub-networks, e.g. "
+                f"student{VIEW_SEP}0.5)"
+            )
         if not is_pretrained_path(m.model) and not m.trainable:
-            problems.append(f"{flag}.trainable=false: a frozen member needs pretrained weights, but model={m.model} is a preset (give a model directory)")
+            problems.append(
+                f"{flag}.trainable=false: a frozen member needs pretrained weights, but model={m.model} is a preset "
+                "(give a model directory)"
+            )
         if m.init_from and is_pretrained_path(m.model):
-            problems.append(f"{flag}.init_from={m.init_from}: remapping builds a preset from a smaller model, but model={m.model} is already pretrained")
+            problems.append(
+                f"{flag}.init_from={m.init_from}: remapping builds a preset from a smaller model, but "
+                f"model={m.model} is already pretrained"
+            )
         elif f"{flag}.init_from" in hf_configs:
             source = hf_configs[f"{flag}.init_from"]
             target = model_config(m.model, vocab_size=source.vocab_size, pad_token_id=0)
@@ -64,34 +79,40 @@ def _member_problems(cfg: RunConfig, problems: list[str]) -> dict[str, object]:
                 problems.append(f"{flag}.{beta}={getattr(m, beta)}: must be in [0, 1)")
         if not 0 <= m.warmup_ratio < 1:
             problems.append(f"{flag}.warmup_ratio={m.warmup_ratio}: must be in [0, 1)")
-        if m.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"{flag}.lr_schedule={m.lr_schedule}: must be one of {', '.join(LR_SCHEDULES)}")
     if cfg.members and not any(m.trainable for m in cfg.members.values()):
         problems.append("members: no member is trainable; nothing to train")
     return hf_configs
 
 
-def _edge_problems(cfg: RunConfig, problems: list[str]) -> None:
+def _edge_problems(cfg: PretrainConfig, problems: list[str]) -> None:
     seen = Counter((e.source, e.target) for e in cfg.edges)
     for i, e in enumerate(cfg.edges):
         flag = f"edges.{i}"
         for end in ("source", "target"):
             if getattr(e, end) not in cfg.members:
-                problems.append(f"{flag}.{end}={getattr(e, end)}: no member of that name (members: {', '.join(cfg.members)})")
+                problems.append(
+                    f"{flag}.{end}={getattr(e, end)}: no member of that name (members: {', '.join(cfg.members)})"
+                )
         if e.source == e.target:
             problems.append(f"{flag}: source and target are both {e.source}; an edge joins two members")
         elif e.target in cfg.members and not cfg.members[e.target].trainable:
-            problems.append(f"{flag}.target={e.target}: that member is frozen and cannot learn; make it the source or set members.{e.target}.trainable=true")
+            problems.append(
+                f"{flag}.target={e.target}: that member is frozen and cannot learn; make it the source or set "
+                f"members.{e.target}.trainable=true"
+            )
         if e.weight < 0:
             problems.append(f"{flag}.weight={e.weight}: must be >= 0")
         if e.temperature <= 0:
             problems.append(f"{flag}.temperature={e.temperature}: must be > 0")
-        if e.schedule not in SCHEDULES:
-            problems.append(f"{flag}.schedule={e.schedule}: must be one of {', '.join(SCHEDULES)}")
-        elif e.schedule == "constant" and (e.schedule_steps != 0 or e.final_weight != 1.0):
-            problems.append(f"{flag}.schedule=constant: final_weight={e.final_weight} / schedule_steps={e.schedule_steps} would have no effect; choose linear, cosine or step")
+        if e.schedule == "constant" and (e.schedule_steps != 0 or e.final_weight != 1.0):
+            problems.append(
+                f"{flag}.schedule=constant: final_weight={e.final_weight} / schedule_steps={e.schedule_steps} would "
+                "have no effect; choose linear, cosine or step"
+            )
         elif e.schedule != "constant" and e.schedule_steps <= 0:
-            problems.append(f"{flag}.schedule_steps={e.schedule_steps}: schedule={e.schedule} needs a number of steps > 0")
+            problems.append(
+                f"{flag}.schedule_steps={e.schedule_steps}: schedule={e.schedule} needs a number of steps > 0"
+            )
         if e.final_weight < 0:
             problems.append(f"{flag}.final_weight={e.final_weight}: must be >= 0")
         if seen[(e.source, e.target)] > 1:
@@ -105,22 +126,40 @@ def _architecture(m, hf_configs: dict[str, object], name: str):
     return hf_configs.get(f"members.{name}.model")
 
 
-def _structure_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
+def _structure_problems(cfg: PretrainConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
     """HomoDistil pruning, MiniDisc selection and hidden-state edges: settings the model shapes decide."""
-    zero3 = not ds_config.template_problems(cfg.deepspeed.template) and ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template)) == 3
+    zero3 = (
+        not ds_config.template_problems(cfg.deepspeed.template)
+        and ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template)) == 3
+    )
     for name, m in cfg.members.items():
         flag = f"members.{name}"
         arch = _architecture(m, hf_configs, name)
         p, md = m.prune, m.minidisc
-        uses = [k for k, on in (("prune", p.enabled), ("minidisc.sparsities", md.sparsities), ("minidisc.sandwich", md.sandwich)) if on]
+        uses = [
+            k
+            for k, on in (
+                ("prune", p.enabled),
+                ("minidisc.sparsities", md.sparsities),
+                ("minidisc.sandwich", md.sandwich),
+            )
+            if on
+        ]
         if uses and not m.trainable:
-            problems.append(f"{flag}.trainable=false: {uses[0]} shapes the member while it trains; it must be trainable")
+            problems.append(
+                f"{flag}.trainable=false: {uses[0]} shapes the member while it trains; it must be trainable"
+            )
         if len(uses) > 1:
             problems.append(f"{flag}: {' and '.join(uses)} cannot be combined; choose one")
         if (p.enabled or md.sandwich) and zero3:
-            problems.append(f"{flag}.{'prune' if p.enabled else 'minidisc.sandwich'}: masks and importance read whole parameters, which needs ZeRO stage 0, 1 or 2; deepspeed.template={cfg.deepspeed.template} is ZeRO-3")
+            problems.append(
+                f"{flag}.{'prune' if p.enabled else 'minidisc.sandwich'}: masks and importance read whole "
+                f"parameters, which needs ZeRO stage 0, 1 or 2; deepspeed.template={cfg.deepspeed.template} is ZeRO-3"
+            )
         if uses and arch is not None and getattr(arch, "model_type", "bert") != "bert":
-            problems.append(f"{flag}.{uses[0]}: structured pruning supports BERT models only, not model_type={arch.model_type}")
+            problems.append(
+                f"{flag}.{uses[0]}: structured pruning supports BERT models only, not model_type={arch.model_type}"
+            )
         if md.sandwich and not all(0 < x < 1 for x in md.sandwich):
             problems.append(f"{flag}.minidisc.sandwich={md.sandwich}: each width sparsity must be in (0, 1)")
         for key, values in (("sparsities", md.sparsities), ("sandwich", md.sandwich)):
@@ -129,20 +168,39 @@ def _structure_problems(cfg: RunConfig, hf_configs: dict[str, object], problems:
             if arch is not None and getattr(arch, "model_type", "bert") == "bert":
                 full = [x for x in values if 0 < x < 1 and widths_at_sparsity(arch, x) == widths_of(arch)]
                 if full:
-                    problems.append(f"{flag}.minidisc.{key}: sparsity {full[0]} keeps every head and FFN neuron of this model (too small to prune anything)")
+                    problems.append(
+                        f"{flag}.minidisc.{key}: sparsity {full[0]} keeps every head and FFN neuron of this model "
+                        "(too small to prune anything)"
+                    )
         if md.sandwich and not any(e.target == name for e in cfg.edges):
-            problems.append(f"{flag}.minidisc.sandwich={md.sandwich}: the sub-networks only average incoming KD losses, and no edge targets {name}")
+            problems.append(
+                f"{flag}.minidisc.sandwich={md.sandwich}: the sub-networks only average incoming KD losses, and no "
+                f"edge targets {name}"
+            )
         if p.hidden_size < 0 or p.intermediate_size < 0:
-            problems.append(f"{flag}.prune: hidden_size={p.hidden_size}, intermediate_size={p.intermediate_size}: must be >= 0 (0 = keep)")
+            problems.append(
+                f"{flag}.prune: hidden_size={p.hidden_size}, intermediate_size={p.intermediate_size}: must be >= 0 "
+                "(0 = keep)"
+            )
         if p.enabled:
             if arch is not None:
-                problems.extend(target_problems(f"{flag}.prune", arch, p.hidden_size or arch.hidden_size, p.intermediate_size or arch.intermediate_size))
+                problems.extend(
+                    target_problems(
+                        f"{flag}.prune",
+                        arch,
+                        p.hidden_size or arch.hidden_size,
+                        p.intermediate_size or arch.intermediate_size,
+                    )
+                )
             if not 0 <= p.start < 1:
                 problems.append(f"{flag}.prune.start={p.start}: must be in [0, 1)")
             if not p.start < p.end <= 1:
                 problems.append(f"{flag}.prune.end={p.end}: must be in (prune.start={p.start}, 1]")
             elif round(p.end * cfg.train.steps) <= round(p.start * cfg.train.steps):
-                problems.append(f"{flag}.prune.end={p.end}: with train.steps={cfg.train.steps} pruning would have no step to run (start and end round to the same step)")
+                problems.append(
+                    f"{flag}.prune.end={p.end}: with train.steps={cfg.train.steps} pruning would have no step to run "
+                    "(start and end round to the same step)"
+                )
             if p.every < 1:
                 problems.append(f"{flag}.prune.every={p.every}: must be >= 1")
             if not 0 <= p.ema < 1:
@@ -161,14 +219,23 @@ def _structure_problems(cfg: RunConfig, hf_configs: dict[str, object], problems:
         if e.hidden_weight <= 0 or e.source not in cfg.members or e.target not in cfg.members:
             continue
         if any(cfg.members[n].minidisc.sparsities for n in (e.source, e.target)):
-            problems.append(f"edges.{i}.hidden_weight={e.hidden_weight}: a MiniDisc member's hidden size is chosen at run time; hidden-state MSE needs equal, known sizes")
+            problems.append(
+                f"edges.{i}.hidden_weight={e.hidden_weight}: a MiniDisc member's hidden size is chosen at run time; "
+                "hidden-state MSE needs equal, known sizes"
+            )
             continue
-        sizes = [getattr(_architecture(cfg.members[n], hf_configs, n), "hidden_size", None) for n in (e.source, e.target)]
+        sizes = [
+            getattr(_architecture(cfg.members[n], hf_configs, n), "hidden_size", None) for n in (e.source, e.target)
+        ]
         if None not in sizes and sizes[0] != sizes[1]:
-            problems.append(f"edges.{i}.hidden_weight={e.hidden_weight}: {e.source} (hidden {sizes[0]}) and {e.target} (hidden {sizes[1]}) differ; hidden-state MSE needs equal hidden sizes (a member pruned while training keeps its full width)")
+            problems.append(
+                f"edges.{i}.hidden_weight={e.hidden_weight}: {e.source} (hidden {sizes[0]}) and {e.target} (hidden "
+                f"{sizes[1]}) differ; hidden-state MSE needs equal hidden sizes (a member pruned while training "
+                "keeps its full width)"
+            )
 
 
-def _data_problems(cfg: RunConfig, problems: list[str]) -> None:
+def _data_problems(cfg: PretrainConfig, problems: list[str]) -> None:
     d = cfg.data
     train_files, eval_files = corpus_files(d)
     if d.dataset and d.train_files:
@@ -187,7 +254,7 @@ def _data_problems(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"data.num_workers={d.num_workers}: must be >= 0")
 
 
-def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
+def _vocab_problems(cfg: PretrainConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
     t = cfg.tokenizer
     if t.path and not has_tokenizer(t.path):
         problems.append(f"tokenizer.path={t.path}: no tokenizer files there")
@@ -205,20 +272,31 @@ def _vocab_problems(cfg: RunConfig, hf_configs: dict[str, object], problems: lis
         except (OSError, ValueError) as exc:
             problems.append(f"tokenizer: cannot load the tokenizer in {source}: {exc}")
     elif hf_configs:
-        problems.append(f"tokenizer.path: empty, and the pretrained {', '.join(hf_configs)} carry no tokenizer; give the tokenizer they were trained with")
+        problems.append(
+            f"tokenizer.path: empty, and the pretrained {', '.join(hf_configs)} carry no tokenizer; give the "
+            "tokenizer they were trained with"
+        )
     for flag, hf in hf_configs.items():
         member_vocab = getattr(hf, "vocab_size", None)
         if vocab is not None and member_vocab != vocab:
-            problems.append(f"{flag}={dirs[flag]}: vocab_size={member_vocab} but the run's tokenizer ({source}) has {vocab} tokens; all members must share one vocabulary")
+            problems.append(
+                f"{flag}={dirs[flag]}: vocab_size={member_vocab} but the run's tokenizer ({source}) has {vocab} "
+                "tokens; all members must share one vocabulary"
+            )
         max_pos = getattr(hf, "max_position_embeddings", None)
         if flag.endswith(".model") and max_pos is not None and cfg.data.seq_len > max_pos:
-            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds {flag[: -len('.model')]} max_position_embeddings={max_pos}")
+            problems.append(
+                f"data.seq_len={cfg.data.seq_len}: exceeds {flag[: -len('.model')]} max_position_embeddings={max_pos}"
+            )
     for name, m in cfg.members.items():
         if m.model in PRESETS and cfg.data.seq_len > PRESETS[m.model].max_positions:
-            problems.append(f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} ({m.model}) max positions {PRESETS[m.model].max_positions}")
+            problems.append(
+                f"data.seq_len={cfg.data.seq_len}: exceeds members.{name} ({m.model}) max positions "
+                f"{PRESETS[m.model].max_positions}"
+            )
 
 
-def _train_problems(cfg: RunConfig | FinetuneConfig, problems: list[str]) -> None:
+def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
     tr = cfg.train
     for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
         if hasattr(tr, key) and getattr(tr, key) <= 0:
@@ -227,31 +305,42 @@ def _train_problems(cfg: RunConfig | FinetuneConfig, problems: list[str]) -> Non
         problems.append(f"train.eval_every={tr.eval_every}: must be >= 0")
     if tr.grad_clip < 0:
         problems.append(f"train.grad_clip={tr.grad_clip}: must be >= 0")
-    if tr.precision not in PRECISIONS:
-        problems.append(f"train.precision={tr.precision}: must be one of {', '.join(PRECISIONS)}")
-    if tr.kd_loss not in losses.IMPLEMENTATIONS:
-        problems.append(f"train.kd_loss={tr.kd_loss}: must be one of {', '.join(losses.IMPLEMENTATIONS)}")
+    if tr.precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        problems.append(
+            f"train.precision={tr.precision}: needs a GPU; DeepSpeed runs on the CPU here (use fp32 or auto)"
+        )
 
 
-def _checkpoint_problems(cfg: RunConfig, problems: list[str]) -> None:
+def _checkpoint_problems(cfg: PretrainConfig, problems: list[str]) -> None:
     c = cfg.checkpoint
     if c.every < 0:
         problems.append(f"checkpoint.every={c.every}: must be >= 0")
     if c.keep_last < 0:
         problems.append(f"checkpoint.keep_last={c.keep_last}: must be >= 0")
     if c.resume == "never":
-        existing = checkpoint.latest(Path(cfg.output_dir))
+        existing = latest(cfg.output_dir)
         if existing:
-            problems.append(f"checkpoint.resume=never: {cfg.output_dir} already holds checkpoint {existing.name}; choose another output_dir (nothing is overwritten)")
-    elif c.resume != "auto" and not checkpoint.is_checkpoint(Path(c.resume)):
-        problems.append(f"checkpoint.resume={c.resume}: not auto, never, or a checkpoint directory (one with trainer_state.json)")
+            problems.append(
+                f"checkpoint.resume=never: {cfg.output_dir} already holds checkpoint {existing.name}; choose another "
+                "output_dir (nothing is overwritten)"
+            )
+    elif c.resume != "auto" and not is_checkpoint(c.resume):
+        problems.append(
+            f"checkpoint.resume={c.resume}: not auto, never, or a checkpoint directory (one with trainer_state.json)"
+        )
 
 
-def validate(cfg: RunConfig, problems: list[str] | None = None) -> None:
-    """Raise one ConfigError listing every problem of ``cfg`` (after any already in ``problems``)."""
-    problems = list(problems or [])
-    if not cfg.output_dir:
+def _output_problems(output_dir: str, problems: list[str]) -> None:
+    if not output_dir:
         problems.append("output_dir: must not be empty")
+    elif Path(output_dir).exists() and not Path(output_dir).is_dir():
+        problems.append(f"output_dir={output_dir}: exists and is not a directory")
+
+
+def pretrain_problems(cfg: PretrainConfig) -> list[str]:
+    """Every problem of a pre-training config."""
+    problems: list[str] = []
+    _output_problems(cfg.output_dir, problems)
     hf_configs = _member_problems(cfg, problems)
     _edge_problems(cfg, problems)
     _structure_problems(cfg, hf_configs, problems)
@@ -260,53 +349,60 @@ def validate(cfg: RunConfig, problems: list[str] | None = None) -> None:
     _train_problems(cfg, problems)
     problems.extend(ds_config.template_problems(cfg.deepspeed.template))
     _checkpoint_problems(cfg, problems)
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
-def validate_finetune(cfg: FinetuneConfig, problems: list[str] | None = None) -> None:
-    """Raise one ConfigError listing every problem of a fine-tuning config, data files included."""
-    from ctcd_ds.finetune import is_checkpoint_member, load_splits
-    from ctcd_ds.tasks import GLUE, task_kind
-
-    problems = list(problems or [])
+def finetune_problems(cfg: FinetuneConfig) -> list[str]:
+    """Every problem of a fine-tuning config, its local data files included."""
+    problems: list[str] = []
+    _output_problems(cfg.output_dir, problems)
     if not cfg.members:
         problems.append("members: give at least one model to fine-tune")
     vocab: dict[str, int] = {}
     for name, m in cfg.members.items():
         flag = f"members.{name}"
-        if m.init_from:
-            problems.append(f"{flag}.init_from={m.init_from}: remapping is for pre-training; fine-tuning starts from members.{name}.model")
-        for key, on in (("prune", m.prune.enabled), ("minidisc.sparsities", m.minidisc.sparsities), ("minidisc.sandwich", m.minidisc.sandwich)):
-            if on:
-                problems.append(f"{flag}.{key}: structured pruning is for pre-training (ctcd-ds pretrain); fine-tuning keeps the model's shape")
-        if is_checkpoint_member(m.model):
+        if is_checkpoint(Path(m.model).parent):
             if not Path(m.model).is_dir():
                 problems.append(f"{flag}.model={m.model}: the checkpoint has no member '{Path(m.model).name}'")
             continue
         if not (Path(m.model) / "config.json").is_file():
-            problems.append(f"{flag}.model={m.model}: not a model directory (an export/NAME dir) nor a checkpoint member (checkpoints/step_N/NAME)")
+            problems.append(
+                f"{flag}.model={m.model}: not a model directory (an export/NAME dir) nor a checkpoint member "
+                "(checkpoints/step_N/NAME)"
+            )
             continue
         hf = AutoConfig.from_pretrained(m.model)
         vocab[name] = hf.vocab_size
         if not m.trainable and not any(a.endswith("ForSequenceClassification") for a in (hf.architectures or [])):
-            problems.append(f"{flag}.trainable=false: a frozen member must already be fine-tuned for the task (a sequence classifier); {m.model} is not")
+            problems.append(
+                f"{flag}.trainable=false: a frozen member must already be fine-tuned for the task (a sequence "
+                f"classifier); {m.model} is not"
+            )
         if not has_tokenizer(m.model):
             problems.append(f"{flag}.model={m.model}: no tokenizer in that directory")
     if len(set(vocab.values())) > 1:
-        problems.append(f"members: vocabularies differ ({', '.join(f'{n}={v}' for n, v in vocab.items())}); co-distilled members must share one tokenizer")
+        problems.append(
+            f"members: vocabularies differ ({', '.join(f'{n}={v}' for n, v in vocab.items())}); co-distilled members "
+            "must share one tokenizer"
+        )
+    if cfg.members and not any(m.trainable for m in cfg.members.values()):
+        problems.append("members: no member is trainable; nothing to train")
     _edge_problems(cfg, problems)
-    problems.extend(f"edges.{i}.hidden_weight={e.hidden_weight}: hidden-state MSE is for pre-training; fine-tuning distils class logits" for i, e in enumerate(cfg.edges) if e.hidden_weight)
+    problems.extend(
+        f"edges.{i}.hidden_weight={e.hidden_weight}: hidden-state MSE is for pre-training; fine-tuning distils class "
+        "logits"
+        for i, e in enumerate(cfg.edges)
+        if e.hidden_weight
+    )
     t = cfg.task
     if t.glue and t.glue not in GLUE:
         problems.append(f"task.glue={t.glue}: not a GLUE task ({', '.join(GLUE)})")
     if t.glue and (t.train_file or t.dev_file):
-        problems.append(f"task.glue={t.glue}: give either a GLUE task or local files (task.train_file/dev_file), not both")
-    if t.kind not in ("auto", "classification", "regression"):
-        problems.append(f"task.kind={t.kind}: must be auto, classification or regression")
-    elif t.glue in GLUE or not t.glue:
-        if cfg.edges and task_kind(t) == "regression":
-            problems.append("edges: co-distillation on class logits needs a classification task (task.kind=regression)")
+        problems.append(
+            f"task.glue={t.glue}: give either a GLUE task or local files (task.train_file/dev_file), not both"
+        )
+    if (t.glue in GLUE or not t.glue) and cfg.edges and task_kind(t) == "regression":
+        problems.append("edges: co-distillation on class logits needs a classification task (task.kind=regression)")
     if len(t.text_columns) not in (1, 2):
         problems.append(f"task.text_columns={t.text_columns}: give one column (single sentences) or two (pairs)")
     if bool(t.train_file) != bool(t.dev_file):
@@ -319,10 +415,46 @@ def validate_finetune(cfg: FinetuneConfig, problems: list[str] | None = None) ->
     if not problems and not t.glue:  # read the files now: column, label and format problems name file and line
         try:
             load_splits(t)
-        except ValueError as exc:
-            problems.append(str(exc))
+        except UserError as exc:
+            problems.extend(exc.problems)
     _train_problems(cfg, problems)
     problems.extend(ds_config.template_problems(cfg.deepspeed.template))
     _checkpoint_problems(cfg, problems)
-    if problems:
-        raise ConfigError(problems)
+    return problems
+
+
+def experiment_problems(exp: ExperimentConfig) -> list[str]:
+    """Every problem of an experiment config (each run it makes is checked again when it starts)."""
+    problems = []
+    if any(v in exp.variants for v in ("kd", "community_kd")) and "standalone" not in exp.variants:
+        problems.append("variants: kd and community_kd take their teacher from the standalone run; include standalone")
+    for key in ("alpha", "alpha_final", "beta", "peer_weight"):
+        if getattr(exp, key) < 0:
+            problems.append(f"{key}={getattr(exp, key)}: edge weights must be >= 0")
+    if exp.temperature <= 0:
+        problems.append(f"temperature={exp.temperature}: must be > 0")
+    if not exp.seeds:
+        problems.append("seeds: give at least one fine-tuning seed")
+    for key in ("pretrain_steps", "pretrain_batch", "finetune_steps", "pretrain_lr", "finetune_lr"):
+        if getattr(exp, key) <= 0:
+            problems.append(f"{key}={getattr(exp, key)}: must be > 0")
+    return problems
+
+
+_PROBLEMS = {
+    PretrainConfig: pretrain_problems,
+    FinetuneConfig: finetune_problems,
+    ExperimentConfig: experiment_problems,
+}
+
+
+def problems(cfg: PretrainConfig | FinetuneConfig | ExperimentConfig) -> list[str]:
+    """Every problem of a config of any run schema, one line each (empty: good to go)."""
+    return _PROBLEMS[type(cfg)](cfg)
+
+
+def check(cfg: PretrainConfig | FinetuneConfig | ExperimentConfig, earlier: list[str] | None = None) -> None:
+    """Raise one UserError listing the problems found while loading (``earlier``) and every problem of ``cfg``."""
+    found = [*(earlier or []), *problems(cfg)]
+    if found:
+        raise UserError(found)

@@ -1,0 +1,63 @@
+"""Smoke tests of the benchmark scripts: each runs in ``--quick`` mode as a subprocess and prints its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import DIST_ENV, REPO
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> <args>`` from the repository root, outside any distributed world (no
+    RANK/WORLD_SIZE/MASTER_* variables inherited from in-process runs), output captured as text."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("MASTER_")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        check=False,  # the test reads the exit status itself
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """{method: [its table lines]} from a table of ``N V method ...`` lines."""
+    rows: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\s*\d+\s+\d+\s+(\w+)\s+[\d.]+\s", line)
+        if m:
+            rows.setdefault(m.group(1), []).append(line)
+    return rows
+
+
+def test_kd_loss_benchmark_quick():
+    res = run_benchmark("kd_loss.py", "--quick")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = table_rows(res.stdout)
+    # the fused loss, the naive and the careful torch baseline, and the LM-head pair, at each quick shape
+    shapes = len(rows.get("fused", []))
+    assert shapes >= 1, res.stdout
+    for method in ("reference", "torch_shared_lsm", "copy_floor", "head_reference", "head_fused"):
+        assert len(rows.get(method, [])) == shapes, (method, res.stdout)
+    assert "fastest baseline" in res.stdout
+    assert '"speedup_vs_fastest_baseline"' in res.stdout.splitlines()[-1]  # the JSON summary
+
+
+def test_step_benchmark_quick(tokenizer_dir):
+    """benchmarks/step.py through the real Trainer and co-training step: CTCD, the reference loss, each member alone."""
+    res = run_benchmark("step.py", "--quick", f"--tokenizer.path={tokenizer_dir}", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    names = [
+        line.split()[0]
+        for line in res.stdout.splitlines()
+        if re.match(r"(ctcd|ctcd_ref|teacher|student)\s+[\d.]+\s+\d+$", line)
+    ]
+    assert names == ["ctcd", "ctcd_ref", "teacher", "student"], res.stdout
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["ctcd_over_separate"] > 0 and summary["kd_loss"] == "fused"
