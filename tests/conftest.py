@@ -33,11 +33,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def tiny(tmp_path, tokenizer_dir) -> list[str]:
-    """Overrides for a run of the default CTCD recipe that takes seconds on a CPU."""
+def tiny_overrides(out: Path, tokenizer_dir: Path) -> list[str]:
+    """A run of the default CTCD recipe that takes seconds on a CPU: 6 steps, checkpoints at 3 and 6."""
     return [
-        f"--output_dir={tmp_path / 'run'}",
+        f"--output_dir={out}",
         f"--tokenizer.path={tokenizer_dir}",
         "--data.seq_len=64",
         "--data.max_train_blocks=256",
@@ -49,6 +48,22 @@ def tiny(tmp_path, tokenizer_dir) -> list[str]:
         "--checkpoint.every=3",
         "--checkpoint.keep_last=0",
     ]
+
+
+@pytest.fixture
+def tiny(tmp_path, tokenizer_dir) -> list[str]:
+    """:func:`tiny_overrides` into this test's ``tmp_path / 'run'``."""
+    return tiny_overrides(tmp_path / "run", tokenizer_dir)
+
+
+MINI = [
+    "--data.seq_len=32",
+    "--data.max_train_blocks=64",
+    "--train.micro_batch_size=4",
+    "--train.steps=2",
+    "--train.eval_batches=1",
+]
+"""A 2-step run of 32-token blocks: for tests that only need a run to exist (add the output and tokenizer)."""
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

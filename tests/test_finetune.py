@@ -19,7 +19,7 @@ from ctcd_ds.task_data import load_splits
 from ctcd_ds.tokenizer import load_tokenizer
 from ctcd_ds.trainer import run_finetune
 
-from conftest import PYTHON, read_metrics, run, run_cli
+from conftest import MINI, PYTHON, read_metrics, run, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +150,7 @@ def test_codistillation_on_class_logits_from_a_checkpoint(tmp_path, tokenizer_di
         [
             f"--output_dir={tmp_path / 'pre'}",
             f"--tokenizer.path={tokenizer_dir}",
-            "--data.seq_len=32",
-            "--data.max_train_blocks=64",
-            "--train.micro_batch_size=4",
-            "--train.steps=2",
-            "--train.eval_batches=1",
+            *MINI,
         ]
     )
     ckpt = Path(summary["checkpoint"])

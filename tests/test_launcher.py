@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from conftest import PYTHON, free_port, read_metrics, run_cli
+from conftest import MINI, PYTHON, free_port, read_metrics, run_cli
 
 LAUNCHER = "launchers/pretrain.sh"
 LAUNCH_SETTINGS = (
@@ -142,11 +142,7 @@ def test_deepspeed_runs_the_launcher_file_directly(tmp_path, tokenizer_dir):
             "CONFIG=standalone",
             f"--output_dir={out}",
             f"--tokenizer.path={tokenizer_dir}",
-            "--data.seq_len=32",
-            "--data.max_train_blocks=64",
-            "--train.micro_batch_size=4",
-            "--train.steps=2",
-            "--train.eval_batches=1",
+            *MINI,
         ],
         timeout=600,
     )

@@ -11,26 +11,14 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from ctcd_ds import layout
 
-from conftest import PYTHON, read_metrics, run, run_cli, train_losses
+from conftest import PYTHON, read_metrics, run, run_cli, tiny_overrides, train_losses
 
 
 @pytest.fixture(scope="module")
 def ctcd_run(tmp_path_factory, tokenizer_dir):
     """One 6-step CTCD run (ZeRO-2), checkpoints at steps 3 and 6, shared by the tests below."""
     out = tmp_path_factory.mktemp("ctcd") / "run"
-    overrides = [
-        f"--output_dir={out}",
-        f"--tokenizer.path={tokenizer_dir}",
-        "--data.seq_len=64",
-        "--data.max_train_blocks=256",
-        "--train.micro_batch_size=8",
-        "--train.steps=6",
-        "--train.log_every=1",
-        "--train.eval_every=3",
-        "--train.eval_batches=2",
-        "--checkpoint.every=3",
-        "--checkpoint.keep_last=0",
-    ]
+    overrides = tiny_overrides(out, tokenizer_dir)
     summary, run_dir = run(overrides)
     return summary, run_dir, overrides
 
