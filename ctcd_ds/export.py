@@ -19,7 +19,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from ctcd_ds import dist
-from ctcd_ds.config import FinetuneConfig, PretrainConfig, from_dict
+from ctcd_ds.config import FinetuneConfig, PretrainConfig, PretrainMemberConfig, from_dict
 from ctcd_ds.errors import UserError
 from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, is_checkpoint, latest, run_dir_of
 from ctcd_ds.models import build_model, count_parameters, save_hf
@@ -126,7 +126,7 @@ def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
                     f"--checkpoint={ckpt}: member '{name}' does not match the model its config.yaml builds "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
-            if getattr(m, "prune", None) is not None and m.prune.enabled:
+            if isinstance(m, PretrainMemberConfig) and m.prune.enabled:
                 masks = PruneMasks(model.config)
                 masks.load_state_dict(
                     {k[len(MASKS_PREFIX) :]: v for k, v in full_state.items() if k.startswith(MASKS_PREFIX)}

@@ -115,6 +115,7 @@ class MaskedLM:
         )
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
         self.minidisc_choices: dict[str, dict[str, int]] = {}
+        self.minidisc_tables: list[tuple] = []  # (member, candidates, best, lambda) of each MiniDisc choice made
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         cfg = self.cfg
@@ -169,7 +170,7 @@ class MaskedLM:
         score_batches = [next(batches) for _ in range(m.minidisc.batches)]
         chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)
         dist.print0(minidisc.table(candidates, best, m.minidisc.lam))
-        self.minidisc_table = (name, candidates, best, m.minidisc.lam)
+        self.minidisc_tables.append((name, candidates, best, m.minidisc.lam))
         self.minidisc_choices[name] = minidisc.choice_of(candidates[best])
         return chosen
 
@@ -177,9 +178,9 @@ class MaskedLM:
         return {name: {"minidisc": choice} for name, choice in self.minidisc_choices.items()}
 
     def write_outputs(self, out: Path) -> None:
-        """Rank 0, once the run starts writing: the MiniDisc candidate table, if one was made."""
-        if hasattr(self, "minidisc_table"):
-            minidisc.write_table(out, *self.minidisc_table)
+        """Rank 0, once the run starts writing: the MiniDisc candidate tables, if any were made."""
+        for table in self.minidisc_tables:
+            minidisc.write_table(out, *table)
 
     def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
         """Logits and hidden states of one member (or its sandwich sub-network ``view``) at the batch's masked
