@@ -104,20 +104,6 @@ def rebuild_choice(model: BertForMaskedLM, choice: dict) -> BertForMaskedLM:
     return type(model)(pruned_config(model.config, Widths(choice["hidden"], choice["heads"], choice["ffn"])))
 
 
-def recorded_choice(model: BertForMaskedLM, run_dir: Path, member: str) -> BertForMaskedLM:
-    """A fresh model of the teacher-assistant shape this run chose earlier, as recorded in the run's
-    :data:`TABLE_FILE` (resume, offline export); its weights come from the member's checkpoint."""
-    path = Path(run_dir) / TABLE_FILE
-    try:
-        table = json.loads(path.read_text())[member]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"{path}: no MiniDisc choice recorded for member '{member}' ({exc!r}); it is needed to rebuild the "
-            "teacher assistant's shape"
-        ) from exc
-    return rebuild_choice(model, table["candidates"][table["chosen"]])
-
-
 def table(candidates: list[Candidate], best: int, lam: float) -> str:
     lines = [
         f"MiniDisc candidates (score = held-out MLM accuracy + {lam} x parameter sparsity):",
