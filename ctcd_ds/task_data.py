@@ -104,6 +104,14 @@ def _rows(path: Path, header: bool) -> tuple[list[str], list[tuple[int, dict[str
     else:
         columns = [str(i) for i in range(len(lines[0][1]))]
         body = lines
+    for n, cells in body:
+        # More cells than columns would shift the text into the label (zip drops the last ones); empty cells
+        # after the last column (a trailing tab) shift nothing.
+        if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns) :]):
+            raise UserError(
+                f"{path}:{n}: the row has {len(cells)} columns, the {'header' if header else 'first row'} has "
+                f"{len(columns)} (a stray tab or comma?)"
+            )
     return columns, [(n, dict(zip(columns, cells))) for n, cells in body]
 
 

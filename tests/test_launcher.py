@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 
 from conftest import MINI, PYTHON, free_port, read_metrics, run_cli
 
@@ -24,27 +25,26 @@ def dry_run(*args: str, **env: str) -> list[str]:
 
 
 def test_dry_run_single_node_defaults():
-    assert dry_run("--train.steps=3") == [
-        "deepspeed",
-        "--num_gpus",
-        "1",
-        "--master_port",
-        "29500",
-        LAUNCHER,
-        "--train.steps=3",
-    ]
+    """An unset MASTER_PORT becomes a port free on this machine (two runs on one box must not collide)."""
+    cmd = dry_run("--train.steps=3")
+    assert cmd[:4] == ["deepspeed", "--num_gpus", "1", "--master_port"]
+    assert cmd[5:] == [LAUNCHER, "--train.steps=3"]
+    assert cmd[4].isdigit() and 1024 <= int(cmd[4]) <= 65535, cmd
+    # not a fixed port: the kernel picks it from its ephemeral range (32768-60999 by default)
+    assert cmd[4] != "29500", cmd
 
 
 def test_dry_run_key_value_args_and_pass_through():
+    port = free_port()  # an explicit port is passed through unchanged (it is free, so no error)
     cmd = dry_run(
-        "NUM_GPUS=8", "CONFIG=ctcd_large", "MASTER_PORT=1234", "--deepspeed.template=zero3", "--train.steps=9"
+        "NUM_GPUS=8", "CONFIG=ctcd_large", f"MASTER_PORT={port}", "--deepspeed.template=zero3", "--train.steps=9"
     )
     assert cmd == [
         "deepspeed",
         "--num_gpus",
         "8",
         "--master_port",
-        "1234",
+        port,
         LAUNCHER,
         "--config",
         "ctcd_large",
@@ -74,11 +74,53 @@ def test_dry_run_multi_node_hostfile(tmp_path):
     assert cmd[:7] == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "1", "--num_gpus", "4"]
 
 
+def launch_error(*args: str, **env: str) -> str:
+    """A dry run that must stop with exit status 2 and one `error:` line (returned), printing no command."""
+    result = run_cli(["bash", LAUNCHER, *args], env={"DRY_RUN": "1", **{k: "" for k in LAUNCH_SETTINGS}, **env})
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == "" and result.stderr.count("error:") == 1, (result.stdout, result.stderr)
+    return result.stderr.strip()
+
+
 def test_launcher_rejects_bad_launch_settings(tmp_path):
-    result = run_cli(["bash", LAUNCHER], env={"DRY_RUN": "1", "HOSTFILE": str(tmp_path / "missing")})
-    assert result.returncode == 2 and "HOSTFILE" in result.stderr
-    result = run_cli(["bash", LAUNCHER], env={"DRY_RUN": "1", "NUM_NODES": "4", "HOSTFILE": ""})
-    assert result.returncode == 2 and "needs HOSTFILE" in result.stderr
+    assert "HOSTFILE" in launch_error(HOSTFILE=str(tmp_path / "missing"))
+    assert "needs HOSTFILE" in launch_error(NUM_NODES="4")
+
+
+def test_launcher_rejects_counts_that_are_not_positive_integers(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\n")
+    for value in ("abc", "0", "-1", "2.5", "1x"):
+        assert launch_error(f"NUM_GPUS={value}") == f"error: NUM_GPUS={value}: must be a positive integer"
+        assert launch_error(NUM_NODES=value, HOSTFILE=str(hostfile)) == (
+            f"error: NUM_NODES={value}: must be a positive integer"
+        )
+    assert launch_error("MASTER_PORT=http") == "error: MASTER_PORT=http: must be a port number (1-65535)"
+    hostfile.write_text("# no hosts\n")
+    assert launch_error(HOSTFILE=str(hostfile)) == (
+        f"error: HOSTFILE={hostfile}: lists no hosts (one 'HOST slots=N' line per node)"
+    )
+
+
+def test_launcher_rejects_a_busy_master_port(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert launch_error(f"MASTER_PORT={port}") == (
+            f"error: MASTER_PORT={port}: in use on this machine; choose another or leave MASTER_PORT unset"
+        )
+        # multi-node: the port is the one every node uses, and rank 0 may be another machine: not probed
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+        cmd = dry_run(f"MASTER_PORT={port}", HOSTFILE=str(hostfile), MASTER_ADDR="node-a")
+        assert cmd[cmd.index("--master_port") + 1] == port
+        # unset: a free port is chosen, not the busy one
+        cmd = dry_run()
+        assert cmd[cmd.index("--master_port") + 1] != port
+    # multi-node without MASTER_PORT: DeepSpeed's default, the same on every node
+    cmd = dry_run(HOSTFILE=str(hostfile))
+    assert cmd[cmd.index("--master_port") + 1] == "29500"
 
 
 def test_file_is_also_python():
