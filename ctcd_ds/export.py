@@ -19,9 +19,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from ctcd_ds import dist
+from ctcd_ds.checkpoint import resume_point
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, PretrainMemberConfig, from_dict
 from ctcd_ds.errors import UserError
-from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, is_checkpoint, latest, run_dir_of
+from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, is_checkpoint, run_dir_of
 from ctcd_ds.models import build_model, count_parameters, save_hf
 from ctcd_ds.pruning.masks import PruneMasks
 from ctcd_ds.pruning.minidisc import rebuild_choice
@@ -102,8 +103,10 @@ def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     """Export every member of a joint checkpoint, pre-training or fine-tuning (frozen members are
     re-exported from their source)."""
     ckpt = Path(ckpt)
-    if not is_checkpoint(ckpt):
-        found = latest(ckpt)  # a run directory was given
+    if is_checkpoint(ckpt):
+        ckpt = resume_point(run_dir_of(ckpt), str(ckpt))  # verified against its manifest
+    else:
+        found = resume_point(ckpt)  # a run directory: its newest intact checkpoint
         if found is None:
             raise UserError(
                 f"--checkpoint={ckpt}: neither a checkpoint (trainer_state.json) nor a run directory with "
