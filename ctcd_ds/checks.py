@@ -7,6 +7,12 @@ was built. This module imports nothing that imports DeepSpeed, so checking is fa
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
+import lzma
+import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,21 +24,73 @@ from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import ExperimentConfig, FinetuneConfig, PretrainConfig
 from ctcd_ds.errors import UserError
 from ctcd_ds.graph import VIEW_SEP
-from ctcd_ds.layout import is_checkpoint, latest
+from ctcd_ds.layout import checkpoints, is_checkpoint
 from ctcd_ds.presets import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
 from ctcd_ds.pruning.widths import target_problems, widths_at_sparsity, widths_of
 from ctcd_ds.task_data import GLUE, load_splits, task_kind
 from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
+
+_CHUNK = 1 << 20
+_DECODE_HEAD = 16 << 20
+"""Corpora can be many GB, and every rank checks them at every start. So a corpus is read in 1 MiB chunks: the
+first 16 MiB are decoded as UTF-8 (a file in another encoding shows it there), and the whole file is streamed for
+NUL bytes (a memchr per chunk, GB/s: finds binary files and NUL-filled tails that would be trained on as text).
+An invalid byte after the first 16 MiB is left to the reader (`datasets` stops there with a UnicodeDecodeError)."""
+_DECOMPRESS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+"""`datasets` reads compressed corpora: these are checked decompressed (the first 16 MiB only: slow to stream)."""
+_UNCHECKED = (b"(\xb5/\xfd", b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"\x04\x22\x4d\x18")
+"""zstd, zip, 7z, lz4: also read by `datasets` (with extra packages); their content is not checked here."""
+
+
+def _utf8_problem(data: bytes, offset: int, final: bool) -> tuple[str | None, bytes]:
+    """(problem or None, the undecoded tail: a character the next chunk completes) of ``data`` at ``offset``."""
+    try:
+        _, used = codecs.utf_8_decode(data, "strict", final)
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte {offset + exc.start})", b""
+    return None, data[used:]
+
+
+def _text_problem(fh, whole: bool) -> str | None:
+    """The problem of a binary stream that should hold UTF-8 text, or None; ``whole``: scan it all for NULs."""
+    pos, pending, has_text = 0, b"", False
+    while chunk := fh.read(_CHUNK):
+        if pos == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "not UTF-8 text (UTF-16, by its byte-order mark; save it as UTF-8)"
+        if b"\0" in chunk:
+            return "a binary file (NUL bytes), not text"
+        if pos < _DECODE_HEAD:
+            problem, pending = _utf8_problem(pending + chunk, pos - len(pending), final=False)
+            if problem:
+                return problem
+        has_text = has_text or bool(chunk.strip())
+        pos += len(chunk)
+        if pos >= _DECODE_HEAD and has_text and not whole:
+            break
+    if pending and pos <= _DECODE_HEAD:  # the file ends inside a character
+        return _utf8_problem(pending, pos - len(pending), final=True)[0]
+    return None if has_text else "the file has no text (empty corpus)"
 
 
 def _text_file_problem(flag: str, path: str) -> str | None:
     p = Path(path)
     if not p.is_file():
         return f"{flag}: {path}: no such file"
-    with open(p, encoding="utf-8", errors="replace") as fh:
-        if not any(line.strip() for line in fh):
-            return f"{flag}: {path}: the file has no text (empty corpus)"
-    return None
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(6)
+            if magic.startswith(_UNCHECKED):
+                return None
+            opener = next((o for m, o in _DECOMPRESS.items() if magic.startswith(m)), None)
+            if opener is None:
+                fh.seek(0)
+                problem = _text_problem(fh, whole=True)
+            else:
+                with opener(p, "rb") as inner:
+                    problem = _text_problem(inner, whole=False)
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # unreadable, or a broken compressed file
+        problem = f"cannot read it: {exc}"
+    return f"{flag}: {path}: {problem}" if problem else None
 
 
 def _member_problems(cfg: PretrainConfig, problems: list[str]) -> dict[str, object]:
@@ -312,17 +370,19 @@ def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -
 
 
 def _checkpoint_problems(cfg: PretrainConfig, problems: list[str]) -> None:
+    if cfg.deepspeed.collective_timeout_s <= 0:
+        problems.append(f"deepspeed.collective_timeout_s={cfg.deepspeed.collective_timeout_s}: must be > 0")
     c = cfg.checkpoint
     if c.every < 0:
         problems.append(f"checkpoint.every={c.every}: must be >= 0")
     if c.keep_last < 0:
         problems.append(f"checkpoint.keep_last={c.keep_last}: must be >= 0")
     if c.resume == "never":
-        existing = latest(cfg.output_dir)
+        existing = checkpoints(cfg.output_dir)
         if existing:
             problems.append(
-                f"checkpoint.resume=never: {cfg.output_dir} already holds checkpoint {existing.name}; choose another "
-                "output_dir (nothing is overwritten)"
+                f"checkpoint.resume=never: {cfg.output_dir} already holds checkpoint {existing[-1].name}; choose "
+                "another output_dir (nothing is overwritten)"
             )
     elif c.resume != "auto" and not is_checkpoint(c.resume):
         problems.append(
@@ -333,8 +393,22 @@ def _checkpoint_problems(cfg: PretrainConfig, problems: list[str]) -> None:
 def _output_problems(output_dir: str, problems: list[str]) -> None:
     if not output_dir:
         problems.append("output_dir: must not be empty")
-    elif Path(output_dir).exists() and not Path(output_dir).is_dir():
+        return
+    out = Path(os.path.abspath(output_dir))
+    if os.path.exists(out) and not os.path.isdir(out):
         problems.append(f"output_dir={output_dir}: exists and is not a directory")
+        return
+    ancestor = next(p for p in (out, *out.parents) if os.path.exists(p))  # os.path: False, not raise, on EACCES
+    if not os.path.isdir(ancestor):
+        problems.append(f"output_dir={output_dir}: {ancestor} is a file, not a directory")
+        return
+    # Create (and at once drop) a file where the first directory would be made: permission bits say yes to
+    # root even where nothing can be written (read-only mounts, /proc, /sys).
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        problems.append(f"output_dir={output_dir}: cannot create files in {ancestor} ({exc.strerror or exc})")
 
 
 def pretrain_problems(cfg: PretrainConfig) -> list[str]:
@@ -425,7 +499,8 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
 
 def experiment_problems(exp: ExperimentConfig) -> list[str]:
     """Every problem of an experiment config (each run it makes is checked again when it starts)."""
-    problems = []
+    problems: list[str] = []
+    _output_problems(exp.output_dir, problems)
     if any(v in exp.variants for v in ("kd", "community_kd")) and "standalone" not in exp.variants:
         problems.append("variants: kd and community_kd take their teacher from the standalone run; include standalone")
     for key in ("alpha", "alpha_final", "beta", "peer_weight"):

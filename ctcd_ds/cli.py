@@ -13,9 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch.distributed
+
 from ctcd_ds import dist
 from ctcd_ds.checks import check
 from ctcd_ds.config import (
+    DeepSpeedConfig,
     ExperimentConfig,
     FinetuneConfig,
     PretrainConfig,
@@ -24,14 +27,13 @@ from ctcd_ds.config import (
     options_help,
     recipe_names,
 )
-from ctcd_ds.errors import UserError
+from ctcd_ds.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UserError
 from ctcd_ds.experiment.runner import Experiment
 from ctcd_ds.export import export_checkpoint
 from ctcd_ds.presets import PRESETS
 from ctcd_ds.tasks import evaluate_model
 from ctcd_ds.trainer import run_finetune, run_pretrain
 
-EXIT_USAGE = 2
 CONFIG_ENV = "CTCD_CONFIG"
 """The launchers' environment variable naming the recipe (a bare CONFIG from the shell is never read)."""
 
@@ -146,11 +148,30 @@ def _run(command: str, config: str | None, overrides: list[str]) -> None:
     problems: list[str] = []
     cfg = load_config(config, overrides, root, problems)
     check(cfg, problems)
-    dist.init_distributed()
+    timeout_s = getattr(cfg, "deepspeed", DeepSpeedConfig()).collective_timeout_s
+    dist.init_distributed(timeout_s)
     try:
         run(cfg)
+    except RuntimeError as exc:  # not a user error; if a collective failed, say what it usually means
+        if not _collective_failure(exc):
+            raise
+        print(
+            f"error: a collective failed on rank {dist.rank()}: another rank died or did not answer within "
+            f"deepspeed.collective_timeout_s={timeout_s} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
     finally:
         dist.cleanup()
+
+
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL error")
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    """A collective that failed because another rank died or hung (gloo and NCCL say so in their messages)."""
+    return isinstance(exc, torch.distributed.DistError) or any(m in str(exc) for m in COLLECTIVE_FAILURES)
 
 
 def _evaluate(model: str, out: str | None, overrides: list[str]) -> None:
@@ -191,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             for line in exc.problems:
                 print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as stop:
+        dist.print0(
+            f"\nstopped by {stop.reason} at step {stop.step}: checkpoint {stop.checkpoint}; "
+            "run the same command again to resume"
+        )
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -7,10 +7,12 @@ import logging
 import os
 import resource
 import socket
+from datetime import timedelta
 
 import deepspeed
 import torch
 import torch.distributed as torch_dist
+import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
 
@@ -20,14 +22,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the process group the deepspeed launcher set up, or make a 1-process one when run directly."""
+def init_distributed(timeout_s: float = 600) -> None:
+    """Join the process group the deepspeed launcher set up, or make a 1-process one when run directly;
+    a collective that waits longer than ``timeout_s`` for the other ranks fails."""
     if torch_dist.is_initialized():
         return
     if "RANK" not in os.environ:  # run without a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=None, verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed builds its data-parallel groups with new_group(), which takes torch's module-level default
+    # (30 minutes for gloo, 10 for NCCL) rather than the world group's timeout: make ours the default.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=timeout)
     # DeepSpeed logs every engine's full config at INFO on every rank; keep its warnings only
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 

@@ -25,14 +25,17 @@ import yaml
 from tqdm import tqdm
 
 from ctcd_ds import dist, ds_config
-from ctcd_ds.checkpoint import Checkpointer
+from ctcd_ds.checkpoint import Checkpointer, resume_point
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine, resolve_precision
+from ctcd_ds.errors import Preempted, UserError
 from ctcd_ds.export import export_member
 from ctcd_ds.graph import Graph
 from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, latest
 from ctcd_ds.models import count_parameters
 from ctcd_ds.monitor import Monitor
+from ctcd_ds.preemption import StopRequest
+from ctcd_ds.run_lock import RunLock
 from ctcd_ds.step import CoTrainingStep
 from ctcd_ds.tasks import Classification, MaskedLM, Task
 
@@ -78,19 +81,32 @@ class Trainer:
             self._resume(self.resume_from)
         else:
             seed_everything(cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
-        # everything is built: from here on the run writes into its output directory
+        # everything is built: from here on the run writes into its output directory, alone
+        self.lock = RunLock(self.out)
+        self._take_lock()
         if dist.is_rank0():
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.checkpointer.remove_leftovers()  # what a crash mid-save left (only now: the run is ours)
             (self.out / CONFIG_FILE).write_text(dump_yaml(cfg))
             task.tokenizer.save_pretrained(str(self.out / "tokenizer"))
             task.write_outputs(self.out)
         self.monitor = Monitor(self.out, self.step)
+        self.stop = StopRequest()
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes the output directory's lock; every rank learns whether it could."""
+        problems = None
+        if dist.is_rank0():
+            try:
+                self.lock.acquire()
+            except UserError as exc:
+                problems = exc.problems
+        problems = dist.broadcast_object(problems)
+        if problems:
+            raise UserError(problems)
 
     def _resume_path(self) -> Path | None:
-        c = self.cfg.checkpoint
-        if c.resume == "never":
-            return None
-        return latest(self.out) if c.resume == "auto" else Path(c.resume)
+        """The newest intact checkpoint to resume from (a damaged one is skipped with a warning), or None."""
+        return resume_point(self.out, self.cfg.checkpoint.resume)
 
     def _build_members(self, recorded: dict[str, Any]) -> dict[str, Member]:
         cfg = self.cfg
@@ -148,30 +164,38 @@ class Trainer:
         last_ckpt = latest(self.out)
         window_start, window_steps = time.perf_counter(), 0
         train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
-        while self.step < loop.steps:
-            t0 = time.perf_counter()
-            scalars = self.step_fn(batches, self.step)
-            self.step += 1
-            window_steps += 1
-            timed_steps += 1
-            if timed_steps:
-                train_time += time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
-            last = self.step == loop.steps
-            if self.step % loop.log_every == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                scalars |= {
-                    "perf/step_time_s": time.perf_counter() - t0,
-                    "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed,
-                    "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
-                }
-                self.monitor.write(self.step, scalars)
-                window_start, window_steps = time.perf_counter(), 0
-            if last or (loop.eval_every and self.step % loop.eval_every == 0):
-                self.monitor.write(self.step, self.evaluate())
-            last_ckpt = self._save(last) or last_ckpt
-        bar.close()
+        self.stop.install()
+        try:
+            while self.step < loop.steps:
+                t0 = time.perf_counter()
+                scalars = self.step_fn(batches, self.step)
+                self.step += 1
+                window_steps += 1
+                timed_steps += 1
+                if timed_steps:
+                    train_time += time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
+                last = self.step == loop.steps
+                if self.step % loop.log_every == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    scalars |= {
+                        "perf/step_time_s": time.perf_counter() - t0,
+                        "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                        "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+                    }
+                    self.monitor.write(self.step, scalars)
+                    window_start, window_steps = time.perf_counter(), 0
+                if last or (loop.eval_every and self.step % loop.eval_every == 0):
+                    self.monitor.write(self.step, self.evaluate())
+                saved = self._save(last)
+                last_ckpt = saved or last_ckpt
+                if not last and self.stop.agreed():  # a signal on some rank: every rank saves this step and stops
+                    last_ckpt = saved or self._save(last_step=True)
+                    raise Preempted(self.stop.reason or "a signal on another rank", self.step, str(last_ckpt))
+        finally:
+            self.stop.restore()
+            bar.close()
         return {
             "tensorboard": str(self.monitor.tb_dir),
             "checkpoint": str(last_ckpt) if last_ckpt else None,
@@ -191,6 +215,7 @@ class Trainer:
 
     def close(self) -> None:
         self.monitor.close()
+        self.lock.release()
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:

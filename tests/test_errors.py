@@ -69,12 +69,12 @@ def test_bug_keeps_its_traceback_and_is_not_exit_2(tiny, monkeypatch, capsys):
     joined, left = [], []
     monkeypatch.setattr(cli, "run_pretrain", buggy_run_pretrain)  # what _pretrain calls: no training happens
     # no process group either (this pytest process may hold one for other tests' in-process runs)
-    monkeypatch.setattr(cli.dist, "init_distributed", lambda: joined.append(True))
+    monkeypatch.setattr(cli.dist, "init_distributed", lambda timeout_s: joined.append(timeout_s))
     monkeypatch.setattr(cli.dist, "cleanup", lambda: left.append(True))
     with pytest.raises(ValueError, match="boom") as excinfo:
         cli.main(["pretrain", *tiny])
     assert excinfo.traceback[-1].name == "buggy_run_pretrain"  # the original traceback, not a re-raise
-    assert joined == [True] and left == [True]  # the config checked and the run reached; cleanup still ran
+    assert joined == [600] and left == [True]  # the config checked and the run reached; cleanup still ran
     assert "error:" not in capsys.readouterr().err
 
 

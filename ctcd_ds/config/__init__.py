@@ -15,6 +15,7 @@ from ctcd_ds.config.runs import ExperimentConfig, FinetuneConfig, PretrainConfig
 from ctcd_ds.config.sections import (
     CheckpointConfig,
     DataConfig,
+    DeepSpeedConfig,
     EdgeConfig,
     LoopConfig,
     MemberConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "PACKAGE_DIR",
     "CheckpointConfig",
     "DataConfig",
+    "DeepSpeedConfig",
     "EdgeConfig",
     "ExperimentConfig",
     "FinetuneConfig",

@@ -87,7 +87,7 @@ class FinetuneConfig:
     """The training loop."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep_last=1))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100, keep_last=1))
     """Checkpointing."""
     export: bool = True
     """Export every fine-tuned member as a Hugging Face directory at the end."""

@@ -229,6 +229,9 @@ class DeepSpeedConfig:
     template: str = "zero2"
     """A ZeRO template shipped with the package (zero0, zero1, zero2, zero3, zero2_offload, zero3_offload) or a JSON
     path."""
+    collective_timeout_s: int = 600
+    """Seconds a collective (all-reduce, barrier) waits for the other ranks before the run fails: how fast a rank
+    that died brings the others down (NCCL's own default is 10-30 minutes)."""
 
 
 @dataclass(kw_only=True, slots=True)
