@@ -25,6 +25,7 @@ are left alone.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
 from ctcd_ds import dist
 from ctcd_ds.errors import UserError
@@ -298,6 +300,103 @@ def resume_point(output_dir: Path | str, resume: str = "auto") -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# resuming on another number of ranks: DeepSpeed universal checkpoints, the loader position
+
+
+def saved_world_size(path: Path | str) -> int:
+    """How many ranks wrote checkpoint ``path``: its trainer state's ``world_size``, else one ``rng_rank*.pt``
+    per rank (checkpoints written before the state recorded it)."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / STATE_FILE).read_text()).get("world_size")
+    except (OSError, ValueError):
+        recorded = None
+    return int(recorded) if recorded else len(list(path.glob("rng_rank*.pt")))
+
+
+def needs_universal(path: Path | str, zero_stage: int) -> bool:
+    """Whether resuming ``path`` on this world size needs a universal checkpoint: ZeRO 1-3 partition optimizer
+    state (and under ZeRO-3 the weights) by rank, so a different world size cannot load the rank files;
+    stage 0 keeps every state whole on every rank."""
+    saved = saved_world_size(path)
+    return zero_stage > 0 and saved > 0 and saved != dist.world_size()
+
+
+def _to_universal(member_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on one member's checkpoint folder (in-process, serially: no worker
+    processes forked from a distributed rank). ``inject_missing_state``: our engines do not record the
+    Megatron-style ``universal_checkpoint_info`` the converter asserts on; an empty one (no tensor-parallel
+    patterns) is right for data parallelism only."""
+    args = argparse.Namespace(
+        input_folder=str(member_dir),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal(args)
+
+
+def _base_param_groups(engine: Any) -> list[dict[str, Any]]:
+    """The param groups of an engine's torch optimizer (inside DeepSpeed's ZeRO wrapper); [] when it has none."""
+    optimizer = getattr(engine, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return list(getattr(optimizer, "param_groups", []) or [])
+
+
+def prepare_universal(path: Path, members: list[str], dest: Path) -> Path:
+    """``dest`` holding a DeepSpeed universal checkpoint of every member of checkpoint ``path``, converted by
+    rank 0 (into a staging folder renamed when complete; the checkpoint itself is only read). Collective: the
+    other ranks wait for it inside ``deepspeed.collective_timeout_s``."""
+    staging = dest.with_name(dest.name + ".tmp")
+    failure: str | None = None
+    if dist.is_rank0():
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for name in members:
+                print(
+                    f"converting {path / name} to a universal checkpoint (resuming on another world size)", flush=True
+                )
+                _to_universal(path / name, staging / name)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.rename(staging, dest)
+        except Exception as exc:  # every rank stops with it (the others would wait forever)
+            shutil.rmtree(staging, ignore_errors=True)
+            failure = f"{type(exc).__name__}: {exc}"
+    failure = dist.broadcast_object(failure)  # also the barrier: the others wait for the conversion
+    if failure is not None:
+        raise UserError(
+            f"checkpoint.resume={path}: written on {saved_world_size(path)} ranks, resumed on {dist.world_size()}; "
+            f"converting it to a DeepSpeed universal checkpoint failed: {failure}"
+        )
+    return dest
+
+
+def map_loader_position(
+    state: dict[str, int], old_batch: int, old_world: int, new_batch: int, new_world: int
+) -> tuple[dict[str, int], str | None]:
+    """The loader position (epoch, batches consumed per rank) of a checkpoint for another batch per rank or world
+    size. The distributed sampler deals one epoch's permutation round-robin, so after ``index`` batches the ranks
+    together consumed exactly its first ``index * old_batch * old_world`` samples, whatever the world size; the
+    new index covers the same samples when that count is a multiple of ``new_batch * new_world``. Otherwise it
+    rounds down (at most one global batch of samples is seen twice, none skipped) and says so."""
+    consumed = int(state["index"]) * old_batch * old_world
+    per_batch = new_batch * new_world
+    index, left = divmod(consumed, per_batch)
+    note = None
+    if left:
+        note = (
+            f"{consumed} samples of epoch {state['epoch']} were consumed ({state['index']} batches x {old_batch} x "
+            f"{old_world} ranks), not a multiple of {new_batch} x {new_world} ranks; resuming at batch {index}: "
+            f"{left} samples are seen twice"
+        )
+    return {**state, "epoch": int(state["epoch"]), "index": index}, note
+
+
+# --------------------------------------------------------------------------------------------------
 # saving and loading
 
 
@@ -420,14 +519,30 @@ class Checkpointer:
         for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, engines: dict[str, Any]) -> dict[str, Any]:
-        """Restore every engine (weights, optimizer, lr schedule) and this rank's RNG; return the trainer state."""
+    def load(self, path: Path, engines: dict[str, Any], *, universal: bool = False) -> dict[str, Any]:
+        """Restore every engine (weights, optimizer, lr schedule) and this rank's RNG; return the trainer state.
+
+        ``universal``: the checkpoint was written on another world size; the engines (built with DeepSpeed's
+        ``checkpoint.load_universal``) load a universal copy converted into this run's checkpoints folder
+        (removed once loaded), and the RNG is left to the caller (no rank of the old run matches one of this)."""
+        load_dir = prepare_universal(path, list(engines), self.root / f".universal-{path.name}") if universal else path
         for name, engine in engines.items():
+            groups = _base_param_groups(engine) if universal else []
+            kept = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
             loaded, _ = engine.load_checkpoint(
-                str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(load_dir), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+            for group, hyper in zip(groups, kept):
+                # DeepSpeed 0.19's ZeRO-3 universal load gives every group group 0's hyperparameters (the
+                # no-decay group would get weight decay); they come from the run config anyway
+                group.update(hyper)
             if loaded is None:
                 raise UserError(f"checkpoint.resume={path}: it holds no checkpoint of member '{name}'")
+        if universal:
+            dist.barrier()
+            if dist.is_rank0():
+                shutil.rmtree(load_dir, ignore_errors=True)
+            return json.loads((path / STATE_FILE).read_text())
         rng_file = path / f"rng_rank{dist.rank():05d}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

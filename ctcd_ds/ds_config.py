@@ -76,12 +76,20 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
 
 
 def engine_config(
-    template: str, *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float, trainable: bool, precision: str
+    template: str,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    grad_clip: float,
+    trainable: bool,
+    precision: str,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed config of one member's engine: the template plus the run's own values.
 
     Frozen members get no optimizer: ZeRO-3 (parameters partitioned) when the run uses ZeRO-3,
     otherwise stage 0 (ZeRO stages 1-2 only shard optimizer state and gradients, which they lack).
+    ``load_universal``: the engine will load a DeepSpeed universal checkpoint (resuming on another world size).
     """
     ds = copy.deepcopy(load_template(template))
     ds.update(
@@ -92,6 +100,8 @@ def engine_config(
     )
     if trainable:
         ds["gradient_clipping"] = grad_clip
+        if load_universal:
+            ds.setdefault("checkpoint", {})["load_universal"] = True
     else:
         zero = ds.get("zero_optimization", {})
         if zero.get("stage", 0) == 3:

@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from ctcd_ds import dist, ds_config
-from ctcd_ds.checkpoint import Checkpointer, resume_point
+from ctcd_ds.checkpoint import Checkpointer, map_loader_position, needs_universal, resume_point, saved_world_size
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine, resolve_precision
 from ctcd_ds.errors import Preempted, UserError
@@ -69,23 +69,26 @@ class Trainer:
         self.graph = Graph.from_config(cfg)
         self.resume_from = self._resume_path()
         resume_state = json.loads((self.resume_from / STATE_FILE).read_text()) if self.resume_from else {}
-        self.members = self._build_members(resume_state.get("task", {}))
         self.zero_stage = ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template))
+        # written on another number of ranks: the engines load a DeepSpeed universal checkpoint instead
+        self.universal = self.resume_from is not None and needs_universal(self.resume_from, self.zero_stage)
+        self.members = self._build_members(resume_state.get("task", {}))
         self.step_fn = CoTrainingStep(
             self.members, self.graph, task, cfg.train, zero_stage=self.zero_stage, precision=self.precision
         )
         self.tokens_per_step = task.tokens_per_micro_batch * cfg.train.grad_accum_steps * dist.world_size()
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.every, cfg.checkpoint.keep_last)
         self.step = 0
-        if self.resume_from is not None:
-            self._resume(self.resume_from)
-        else:
-            seed_everything(cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
         # everything is built: from here on the run writes into its output directory, alone
         self.lock = RunLock(self.out)
         self._take_lock()
         if dist.is_rank0():
             self.checkpointer.remove_leftovers()  # what a crash mid-save left (only now: the run is ours)
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        else:
+            seed_everything(cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
+        if dist.is_rank0():
             (self.out / CONFIG_FILE).write_text(dump_yaml(cfg))
             task.tokenizer.save_pretrained(str(self.out / "tokenizer"))
             task.write_outputs(self.out)
@@ -121,6 +124,7 @@ class Trainer:
                 grad_clip=cfg.train.grad_clip,
                 trainable=m.trainable,
                 precision=self.precision,
+                load_universal=self.universal,
             )
             members[name] = build_engine(name, module, m, ds, cfg.train.steps)
             role = "trainable" if m.trainable else "frozen"
@@ -133,16 +137,33 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         """Engines (weights, optimizer, lr schedule), loader position and RNG from ``path``."""
-        changed = changed_settings(yaml.safe_load((path / CONFIG_FILE).read_text()), to_dict(self.cfg))
+        old_cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+        changed = changed_settings(old_cfg, to_dict(self.cfg))
         if changed:
             dist.print0(f"warning: resuming {path} with settings that differ from its run: {', '.join(changed)}")
-        state = self.checkpointer.load(path, {n: m.engine for n, m in self.trainable.items()})
+        engines = {n: m.engine for n, m in self.trainable.items()}
+        state = self.checkpointer.load(path, engines, universal=self.universal)
         self.step = int(state["step"])
-        self.task.loader.load_state_dict(state["loader"])
+        loader_state = state["loader"]
+        old_world, new_world = saved_world_size(path), dist.world_size()
+        old_batch, new_batch = int(old_cfg["train"]["micro_batch_size"]), self.cfg.train.micro_batch_size
+        if old_world and (old_world, old_batch) != (new_world, new_batch):  # the same samples, other batches
+            loader_state, note = map_loader_position(loader_state, old_batch, old_world, new_batch, new_world)
+            if note:
+                dist.print0(f"warning: {note}")
+        if self.universal:  # no rank of the old run matches one of this run: fresh per-rank RNG, by step
+            seed_everything(self.cfg.seed + 7919 * (dist.rank() + 1) + 104_729 * self.step)
+            dist.print0(f"resuming on {new_world} ranks a checkpoint written on {old_world} (universal checkpoint)")
+        self.task.loader.load_state_dict(loader_state)
         dist.print0(f"resumed from {path} at step {self.step}")
 
     def _save(self, last_step: bool) -> Path | None:
-        state = {"loader": self.task.loader.state_dict(), "members": list(self.members), "task": self.task.state()}
+        state = {
+            "loader": self.task.loader.state_dict(),
+            "world_size": dist.world_size(),
+            "members": list(self.members),
+            "task": self.task.state(),
+        }
         engines = {n: m.engine for n, m in self.trainable.items()}
         return self.checkpointer.save(self.step, engines, state, dump_yaml(self.cfg), last_step=last_step)
 
