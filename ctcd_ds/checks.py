@@ -369,9 +369,16 @@ def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -
         )
 
 
-def _checkpoint_problems(cfg: PretrainConfig, problems: list[str]) -> None:
+def _loop_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
+    """The sections every training run has: train, deepspeed, checkpoint."""
+    _train_problems(cfg, problems)
+    problems.extend(ds_config.template_problems(cfg.deepspeed.template))
     if cfg.deepspeed.collective_timeout_s <= 0:
         problems.append(f"deepspeed.collective_timeout_s={cfg.deepspeed.collective_timeout_s}: must be > 0")
+    _checkpoint_problems(cfg, problems)
+
+
+def _checkpoint_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
     c = cfg.checkpoint
     if c.every < 0:
         problems.append(f"checkpoint.every={c.every}: must be >= 0")
@@ -420,9 +427,7 @@ def pretrain_problems(cfg: PretrainConfig) -> list[str]:
     _structure_problems(cfg, hf_configs, problems)
     _data_problems(cfg, problems)
     _vocab_problems(cfg, hf_configs, problems)
-    _train_problems(cfg, problems)
-    problems.extend(ds_config.template_problems(cfg.deepspeed.template))
-    _checkpoint_problems(cfg, problems)
+    _loop_problems(cfg, problems)
     return problems
 
 
@@ -491,9 +496,7 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
             load_splits(t)
         except UserError as exc:
             problems.extend(exc.problems)
-    _train_problems(cfg, problems)
-    problems.extend(ds_config.template_problems(cfg.deepspeed.template))
-    _checkpoint_problems(cfg, problems)
+    _loop_problems(cfg, problems)
     return problems
 
 

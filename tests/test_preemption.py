@@ -18,26 +18,15 @@ from ctcd_ds.config import FinetuneConfig
 from ctcd_ds.errors import EXIT_PREEMPTED
 from ctcd_ds.preemption import StopRequest
 
-from conftest import DIST_ENV, PYTHON, REPO, free_port, read_metrics, run_cli, train_losses
+from conftest import DIST_ENV, PYTHON, REPO, free_port, read_metrics, run_cli, tiny_overrides, train_losses
 
 LAUNCHER = "launchers/pretrain.sh"
 
 
 def _args(out: Path, tokenizer_dir: Path, steps: int) -> list[str]:
-    return [
-        f"--output_dir={out}",
-        f"--tokenizer.path={tokenizer_dir}",
-        "--data.seq_len=64",
-        "--data.max_train_blocks=256",
-        "--train.micro_batch_size=8",
-        f"--train.steps={steps}",
-        "--train.log_every=1",
-        "--train.eval_every=0",
-        "--train.eval_batches=1",
-        "--checkpoint.every=1000",
-        "--checkpoint.keep_last=0",
-        "--export=false",
-    ]
+    """The tiny run, ``steps`` long, checkpointed only at the end (or when stopped)."""
+    extra = [f"--train.steps={steps}", "--train.eval_every=0", "--train.eval_batches=1", "--checkpoint.every=1000"]
+    return [*tiny_overrides(out, tokenizer_dir), *extra, "--export=false"]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
