@@ -309,3 +309,12 @@ def test_every_preset_builds_its_shape(preset):
         assert tuple(layer.attention.self.query.weight.shape) == (hidden, hidden)
         assert tuple(layer.intermediate.dense.weight.shape) == (ffn, hidden)
         assert layer.attention.self.num_attention_heads == heads
+
+
+def test_checking_a_config_imports_no_deepspeed():
+    """Checks run before any process group or engine: loading and checking a config must stay DeepSpeed-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, ctcd_ds.checks, ctcd_ds.config; sys.exit('deepspeed' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
