@@ -24,7 +24,7 @@ from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import ExperimentConfig, FinetuneConfig, PretrainConfig
 from ctcd_ds.errors import UserError
 from ctcd_ds.graph import VIEW_SEP
-from ctcd_ds.layout import checkpoints, is_checkpoint
+from ctcd_ds.layout import checkpoints, is_checkpoint, is_checkpoint_member
 from ctcd_ds.presets import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
 from ctcd_ds.pruning.widths import target_problems, widths_at_sparsity, widths_of
 from ctcd_ds.task_data import GLUE, load_splits, task_kind
@@ -440,7 +440,7 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
     vocab: dict[str, int] = {}
     for name, m in cfg.members.items():
         flag = f"members.{name}"
-        if is_checkpoint(Path(m.model).parent):
+        if is_checkpoint_member(m.model):
             if not Path(m.model).is_dir():
                 problems.append(f"{flag}.model={m.model}: the checkpoint has no member '{Path(m.model).name}'")
             continue

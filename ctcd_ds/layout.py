@@ -60,3 +60,8 @@ def latest(output_dir: Path | str) -> Path | None:
 def run_dir_of(checkpoint: Path | str) -> Path:
     """``<run>/checkpoints/step_N`` -> ``<run>``."""
     return Path(checkpoint).parent.parent
+
+
+def is_checkpoint_member(path: Path | str) -> bool:
+    """``runs/x/checkpoints/step_N/NAME``: a member's folder inside a joint checkpoint."""
+    return is_checkpoint(Path(path).parent)

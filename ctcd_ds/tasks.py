@@ -28,7 +28,7 @@ from ctcd_ds.data import MaskingCollator, SharedLoader, eval_batches, load_block
 from ctcd_ds.engines import Member
 from ctcd_ds.errors import UserError
 from ctcd_ds.export import export_checkpoint
-from ctcd_ds.layout import is_checkpoint
+from ctcd_ds.layout import is_checkpoint_member
 from ctcd_ds.models import SparseMLM, build_model, remap_init
 from ctcd_ds.presets import weight_dirs
 from ctcd_ds.pruning import minidisc
@@ -232,11 +232,6 @@ class Classifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def is_checkpoint_member(path: str) -> bool:
-    """``runs/x/checkpoints/step_N/NAME``: a member's folder inside a joint checkpoint."""
-    return is_checkpoint(Path(path).parent)
 
 
 class Classification:
