@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ctcd_ds.trainer
-from ctcd_ds import checkpoint, layout
+from ctcd_ds import checkpoint, integrity, layout, resume
 from ctcd_ds.errors import UserError
 
 from conftest import run, tiny_overrides, train_losses
@@ -90,39 +90,39 @@ def test_resume_point_falls_back_past_a_damaged_checkpoint(copy, capsys, how):
     damaged = one(ckpt(copy, STEP6), pattern)
     damage(damaged)
     assert layout.latest(copy).name == STEP6  # the pointer alone does not see it
-    assert checkpoint.resume_point(copy) == ckpt(copy, STEP3)
+    assert resume.resume_point(copy) == ckpt(copy, STEP3)
     out = capsys.readouterr().out
     assert "warning:" in out and f"{STEP6}/{damaged.relative_to(ckpt(copy, STEP6)).as_posix()}" in out, out
 
 
 def test_resume_point_takes_an_intact_latest_as_it_is(copy, capsys):
-    assert checkpoint.resume_point(copy) == ckpt(copy, STEP6)
+    assert resume.resume_point(copy) == ckpt(copy, STEP6)
     assert "warning" not in capsys.readouterr().out
-    assert checkpoint.resume_point(copy, "never") is None
-    assert checkpoint.resume_point(copy.parent / "fresh") is None  # a new run: nothing to resume
+    assert resume.resume_point(copy, "never") is None
+    assert resume.resume_point(copy.parent / "fresh") is None  # a new run: nothing to resume
 
 
 def test_resume_point_raises_when_no_checkpoint_is_intact(copy):
     flip_byte(one(ckpt(copy, STEP6), "student/*optim_states.pt"))
     one(ckpt(copy, STEP3), "teacher/*model_states.pt").unlink()
     with pytest.raises(UserError, match=rf"{STEP3}/teacher/mp_rank_00_model_states.pt: missing") as exc:
-        checkpoint.resume_point(copy)
+        resume.resume_point(copy)
     assert "optim_states.pt" in str(exc.value)  # the damage of the newest one is named too
 
 
 def test_resume_point_accepts_checkpoints_written_before_manifests(copy, capsys):
     for name in (STEP3, STEP6):
         (ckpt(copy, name) / "manifest.json").unlink()
-    assert checkpoint.resume_point(copy) == ckpt(copy, STEP6)
+    assert resume.resume_point(copy) == ckpt(copy, STEP6)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "no manifest.json" in out, out  # one line, a note, not a failure
 
 
 def test_an_explicit_resume_path_is_verified(copy):
-    assert checkpoint.resume_point(copy, str(ckpt(copy, STEP3))) == ckpt(copy, STEP3)
+    assert resume.resume_point(copy, str(ckpt(copy, STEP3))) == ckpt(copy, STEP3)
     flip_byte(one(ckpt(copy, STEP3), "student/*optim_states.pt"))
     with pytest.raises(UserError, match=rf"checkpoint.resume=.*{STEP3}.*optim_states.pt: .*sha256"):
-        checkpoint.resume_point(copy.parent / "elsewhere", str(ckpt(copy, STEP3)))
+        resume.resume_point(copy.parent / "elsewhere", str(ckpt(copy, STEP3)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,13 +132,13 @@ def test_an_explicit_resume_path_is_verified(copy):
 def test_latest_naming_a_missing_folder_falls_back_to_the_newest_intact(copy, capsys):
     shutil.rmtree(ckpt(copy, STEP6))
     assert layout.latest(copy) is None  # what the trainer used: a silent restart from step 0
-    assert checkpoint.resume_point(copy) == ckpt(copy, STEP3)
+    assert resume.resume_point(copy) == ckpt(copy, STEP3)
     out = capsys.readouterr().out
     assert "warning:" in out and f"names {STEP6}" in out and "missing" in out, out
 
     shutil.rmtree(ckpt(copy, STEP3))
     with pytest.raises(UserError, match=rf"latest names {STEP6}, which is missing"):
-        checkpoint.resume_point(copy)
+        resume.resume_point(copy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_a_rollback_replaces_the_checkpoint_folder_it_saves_again(saved_run, cop
     assert not (ckpt(copy, STEP6) / "stale.txt").exists()
     assert (layout.checkpoints_dir(copy) / "latest").read_text() == STEP6
     assert hidden_leftovers(copy) == []
-    assert checkpoint.damage(ckpt(copy, STEP6)) == []
+    assert integrity.damage(ckpt(copy, STEP6)) == []
 
 
 class Crash(BaseException):
@@ -180,7 +180,7 @@ def test_a_crash_mid_save_leaves_only_a_temporary_folder(saved_run, tmp_path, mo
 
     run([*overrides, f"--output_dir={out}"])  # resumes from step 3; its save removes the temporary folder
     assert hidden_leftovers(out) == [] and layout.latest(out).name == STEP6
-    assert checkpoint.damage(ckpt(out, STEP6)) == []
+    assert integrity.damage(ckpt(out, STEP6)) == []
 
 
 def test_the_next_save_clears_what_an_unfinished_save_left(tmp_path, capsys):
@@ -217,7 +217,7 @@ def test_keep_last_after_a_rollback_never_deletes_what_latest_names(saved_run, c
     )
     assert (layout.checkpoints_dir(copy) / "latest").read_text() == "step_00000005"
     assert sorted(p.name for p in layout.checkpoints_dir(copy).glob("step_*")) == ["step_00000005", STEP6]
-    assert checkpoint.resume_point(copy) == ckpt(copy, "step_00000005")
+    assert resume.resume_point(copy) == ckpt(copy, "step_00000005")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_a_full_disk_stops_with_one_clear_line_and_keeps_latest(saved_run, tmp_p
     assert line.startswith(f"no space left on device at {layout.checkpoints_dir(out)}"), line
     assert f"while writing checkpoint step 6; latest still names {STEP3}" in line, line
     assert not ckpt(out, STEP6).exists() and hidden_leftovers(out) == []
-    assert checkpoint.resume_point(out) == ckpt(out, STEP3)
+    assert resume.resume_point(out) == ckpt(out, STEP3)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -250,17 +250,17 @@ def test_disk_full_is_recognised_behind_torch_zip_writer_errors(tmp_path):
     """torch.save hides the errno of a full disk (``inline_container.cc ... unexpected pos``): a probe write tells."""
     with pytest.raises(RuntimeError, match="inline_container") as torn:
         torch.save({"x": torch.zeros(1000)}, "/dev/full")  # what a full disk gives
-    assert checkpoint.disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
-    assert checkpoint.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
-    assert not checkpoint.disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
-    assert not checkpoint.disk_full(torn.value, tmp_path)  # this disk takes the probe: some other failure
+    assert integrity.disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert integrity.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
+    assert not integrity.disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    assert not integrity.disk_full(torn.value, tmp_path)  # this disk takes the probe: some other failure
     assert list(tmp_path.iterdir()) == []  # the probe is gone
 
     full = tmp_path / "full"
     full.mkdir()
     (full / f".space_probe_{os.getpid()}").symlink_to("/dev/full")  # where the probe goes: a disk that is full
-    assert checkpoint.disk_full(torn.value, full)
-    assert not checkpoint.disk_full(RuntimeError("some bug"), full)
+    assert integrity.disk_full(torn.value, full)
+    assert not integrity.disk_full(RuntimeError("some bug"), full)
     assert list(full.iterdir()) == []
 
 
@@ -289,7 +289,7 @@ def test_a_run_resumes_past_a_damaged_latest_checkpoint(saved_run, copy, capsys)
     out = capsys.readouterr().out
     assert "optim_states.pt" in out and "damaged" in out, out
     _assert_resumed_from_step_3(run_dir, copy, out)
-    assert checkpoint.damage(ckpt(copy, STEP6)) == []  # written anew
+    assert integrity.damage(ckpt(copy, STEP6)) == []  # written anew
 
 
 @needs_wiring

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from ctcd_ds import layout
-from ctcd_ds.checkpoint import map_loader_position
 from ctcd_ds.export import export_checkpoint
+from ctcd_ds.resume import map_loader_position
 
 from conftest import PYTHON, free_port, run_cli, train_losses
 
