@@ -1,75 +1,222 @@
-"""Text -> fixed-length token blocks (datasets, fingerprint-cached), the MLM masking collator, and the
-one shared, resumable, distributed data loader whose batches every member sees."""
+"""Text -> fixed-length token blocks (datasets, fingerprint-cached, or read from a prepared directory), the
+MLM masking collator, and the one shared, resumable, distributed data loader whose batches every member sees."""
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from ctcd_ds import dist
+from ctcd_ds import dist, prepared
 from ctcd_ds.assets import corpus_files
-from ctcd_ds.config import DataConfig
+from ctcd_ds.config import DataConfig, PretrainConfig
 from ctcd_ds.errors import UserError
+from ctcd_ds.presets import weight_dirs
+from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
+
+MAX_AUTO_PROC = 16
+"""``data.num_proc=0`` (auto) uses at most this many tokenizing processes."""
+AUTO_PROC_MIN_BYTES = 32 << 20
+"""``data.num_proc=0`` (auto) tokenizes local text smaller than this in one process."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    """How token ids are stored: 2 bytes each while the vocabulary fits (batches are int64 either way)."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def auto_num_proc(cfg: DataConfig, files: list[str]) -> int:
+    """``data.num_proc``, with 0 (auto) resolved: one process per usable CPU core (at most
+    :data:`MAX_AUTO_PROC`) for a corpus of at least :data:`AUTO_PROC_MIN_BYTES`, else 1 (starting processes
+    costs more than they save on small text; a `datasets` hub corpus counts as large)."""
+    if cfg.num_proc:
+        return cfg.num_proc
+    if files and sum(os.path.getsize(f) for f in files) < AUTO_PROC_MIN_BYTES:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_PROC))
 
 
 def _blocks(
-    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, text_column: str
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    text_column: str,
+    num_proc: int,
+    work: Path | None = None,
+    name: str = "",
 ) -> datasets.Dataset:
+    """``seq_len``-token ``[CLS] ... [SEP]`` blocks of ``ds``: every 1000 consecutive non-empty lines are
+    tokenized, concatenated and cut into blocks (their remainder is dropped).
+
+    Tokenizing is row by row, in ``num_proc`` processes; grouping is vectorised (Arrow/NumPy) in one process,
+    so the blocks do not depend on ``num_proc``. ``work``: write the results there (``work/NAME-*.arrow``)
+    instead of the `datasets` cache."""
     body = cfg.seq_len - 2
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    dtype = token_dtype(len(tokenizer))
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and not t.isspace()]
-        return {"ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
+        ids = tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+        )["input_ids"]
+        return {"ids": ids}
 
-    def group(batch):
-        flat = [tok for ids in batch["ids"] for tok in ids]
+    def group(batch: pa.Table) -> pa.Table:
+        flat = batch.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         n = len(flat) // body
-        return {"input_ids": [[cls, *flat[i * body : (i + 1) * body], sep] for i in range(n)]}
+        blocks = np.empty((n, cfg.seq_len), dtype=flat.dtype)
+        blocks[:, 0], blocks[:, -1] = cls, sep
+        blocks[:, 1:-1] = flat[: n * body].reshape(n, body)
+        return pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), cfg.seq_len)})
 
-    ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenize")
-    return ds.map(
-        group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"group into {cfg.seq_len}-token blocks"
+    def to(kind: str) -> dict:
+        return {"cache_file_name": str(work / f"{name}-{kind}.arrow"), "load_from_cache_file": False} if work else {}
+
+    ids = ds.map(
+        tokenize,
+        batched=True,
+        remove_columns=ds.column_names,
+        features=datasets.Features({"ids": datasets.List(datasets.Value(dtype))}),
+        num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None,
+        desc="tokenize",
+        **to("ids"),
     )
+    blocks = ids.with_format("arrow").map(
+        group,
+        batched=True,
+        batch_size=1000,
+        remove_columns=["ids"],
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype), length=cfg.seq_len)}),
+        desc=f"group into {cfg.seq_len}-token blocks",
+        **to("blocks"),
+    )
+    if work:  # the token lists are in the blocks now; free their disk space at once (a corpus can be large)
+        del ids
+        for f in glob.glob(str(work / f"{name}-ids*.arrow")):
+            os.remove(f)
+    return blocks.with_format(None)
+
+
+def _tokenized(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, work: Path | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training blocks, held-out blocks or None when they are to be split off the training blocks).
+    ``work``: every file is written there (the text as Arrow too) rather than into the `datasets` cache."""
+    train_files, eval_files = corpus_files(cfg)
+    num_proc = auto_num_proc(cfg, train_files + eval_files)
+    if cfg.dataset:
+        raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cfg.cache_dir or None)
+        text_column = cfg.text_column
+        held_out_split = next((s for s in ("validation", "valid", "test") if s in raw), None)
+    else:
+        files = {"train": train_files, **({"eval": eval_files} if eval_files else {})}
+        cache_dir = str(work / "text") if work else cfg.cache_dir or None
+        raw = datasets.load_dataset("text", data_files=files, cache_dir=cache_dir)
+        text_column, held_out_split = "text", "eval" if eval_files else None
+    train = _blocks(raw["train"], tokenizer, cfg, text_column, num_proc, work, "train")
+    held_out = None
+    if held_out_split:
+        held_out = _blocks(raw[held_out_split], tokenizer, cfg, text_column, num_proc, work, "eval")
+    return train, held_out
+
+
+def _nonempty(train: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    """``train``, if it has a block (checked by every rank after ``rank0_first``: a rank raising inside it
+    would leave the others waiting)."""
+    if len(train) == 0:
+        raise UserError(
+            f"data.train_files={corpus_files(cfg)[0] or cfg.dataset}: no {cfg.seq_len}-token block could be made "
+            "(empty or too short corpus)"
+        )
+    return train
+
+
+def _split(train: datasets.Dataset, cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``eval_fraction`` of the blocks (at least one), drawn with ``seed``, held out."""
+    train = _nonempty(train, cfg)
+    split = train.train_test_split(test_size=max(cfg.eval_fraction, 1 / len(train)), seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def run_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a pre-training run: ``tokenizer.path``, else a pretrained member's, else the one saved
+    with ``data.prepared``, else one trained on the corpus (cached; rank 0 trains it, the others wait)."""
+    source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
+    if source is None and cfg.data.prepared:
+        source = str(Path(cfg.data.prepared) / prepared.TOKENIZER)
+    if source is None:
+        train_files, _ = corpus_files(cfg.data)
+        if not train_files:
+            raise UserError(
+                f"tokenizer.path: empty; give a tokenizer for data.dataset={cfg.data.dataset} (training one "
+                "needs local files)"
+            )
+        with dist.rank0_first():
+            source = str(trained_tokenizer_dir(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
+    tok = load_tokenizer(source)
+    dist.print0(f"tokenizer: {source} ({len(tok)} tokens)")
+    return tok
 
 
 def load_blocks(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Tokenized training and held-out blocks (``input_ids`` of length ``seq_len``)."""
-    cache_dir = cfg.cache_dir or None
-    train_files, eval_files = corpus_files(cfg)
-    with dist.rank0_first():  # rank 0 fills the datasets cache, the others read it
-        if cfg.dataset:
-            raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache_dir)
-            text_column = cfg.text_column
-            train = _blocks(raw["train"], tokenizer, cfg, text_column)
-            held_out_split = next((s for s in ("validation", "valid", "test") if s in raw), None)
-            held_out = _blocks(raw[held_out_split], tokenizer, cfg, text_column) if held_out_split else None
-        else:
-            files = {"train": train_files, **({"eval": eval_files} if eval_files else {})}
-            raw = datasets.load_dataset("text", data_files=files, cache_dir=cache_dir)
-            text_column = "text"
-            train = _blocks(raw["train"], tokenizer, cfg, text_column)
-            held_out = _blocks(raw["eval"], tokenizer, cfg, text_column) if eval_files else None
-    if len(train) == 0:
-        raise UserError(
-            f"data.train_files={train_files or cfg.dataset}: no {cfg.seq_len}-token block could be made (empty or "
-            "too short corpus)"
-        )
-    if held_out is None:
-        split = train.train_test_split(test_size=max(cfg.eval_fraction, 1 / len(train)), seed=seed, shuffle=True)
-        train, held_out = split["train"], split["test"]
+    """Tokenized training and held-out blocks (``input_ids`` of length ``seq_len``): read memory-mapped from
+    ``data.prepared`` on every rank, or made from the text (rank 0 fills the `datasets` cache, the others
+    read it)."""
+    if cfg.prepared:
+        train, held_out = load_prepared(cfg, tokenizer)
+    else:
+        with dist.rank0_first():
+            train, held_out = _tokenized(cfg, tokenizer)
+        train, held_out = _split(train, cfg, seed) if held_out is None else (_nonempty(train, cfg), held_out)
     if cfg.max_train_blocks:
         train = train.select(range(min(cfg.max_train_blocks, len(train))))
     train.set_format("torch", columns=["input_ids"])
     held_out.set_format("torch", columns=["input_ids"])
     return train, held_out
+
+
+def load_prepared(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The blocks of ``data.prepared`` (memory-mapped: nothing is copied or written), after checking that the
+    run's ``seq_len`` and tokenizer are the ones they were made with."""
+    problems = prepared.compatibility_problems(cfg, tokenizer, f"the run's tokenizer ({tokenizer.name_or_path})")
+    if problems:
+        raise UserError(problems)
+    root = Path(cfg.prepared)
+    train, held_out = (datasets.load_from_disk(str(root / split)) for split in prepared.SPLITS)
+    return train, held_out
+
+
+def write_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, dest: Path) -> dict[str, int]:
+    """``dest/train`` and ``dest/eval``: the blocks :func:`load_blocks` would make from the text with this
+    tokenizer and seed (the same held-out split), saved with ``save_to_disk``. Every intermediate file (the
+    text as Arrow, the token lists, the unsplit blocks) is written under ``dest/.work`` and removed as soon as
+    it is used: nothing goes to the `datasets` cache. Returns the number of blocks of each split."""
+    work = dest / ".work"
+    work.mkdir(parents=True)
+    train, held_out = _tokenized(cfg, tokenizer, work)
+    shutil.rmtree(work / "text", ignore_errors=True)  # the text is tokenized: drop its Arrow copy
+    train, held_out = _split(train, cfg, seed) if held_out is None else (_nonempty(train, cfg), held_out)
+    counts = {}
+    for split, ds in zip(prepared.SPLITS, (train, held_out)):
+        ds.save_to_disk(str(dest / split))
+        counts[split] = len(ds)
+    del train, held_out
+    shutil.rmtree(work)
+    return counts
 
 
 @dataclass(slots=True)
