@@ -1,16 +1,25 @@
 """Data of sequence-level tasks: GLUE through ``datasets`` or local TSV/CSV/JSONL files, read into examples
-with clear errors (file, line, column), encoded and padded into batches; and their metrics."""
+with clear errors (file, line, column), encoded and padded into batches; their metrics, the majority-class
+baseline, and per-example prediction files."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import json
-from collections.abc import Callable
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import datasets
+import huggingface_hub.constants
 import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
@@ -45,6 +54,11 @@ GLUE: dict[str, GlueTask] = {
 }
 
 
+GLUE_REPO = "nyu-mll/glue"
+HUB_TIMEOUT_S = 5.0
+"""How long `task.glue` waits for a TCP connection to the hub before it gives up (when the task is not cached)."""
+
+
 @dataclass(slots=True)
 class Split:
     """Texts (one tuple per example: 1 or 2 strings) and raw labels (strings or floats) of one file/split."""
@@ -52,6 +66,16 @@ class Split:
     name: str
     texts: list[tuple[str, ...]]
     labels: list
+    role: str = "dev"
+    """train, dev or test."""
+    source: str = ""
+    """Where it was read: the file's path, or `glue:TASK/SPLIT`."""
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` examples (all when ``n`` is 0)."""
+        if not n:
+            return self
+        return Split(self.name, self.texts[:n], self.labels[:n], self.role, self.source)
 
 
 def task_kind(cfg: TaskConfig) -> str:
@@ -64,7 +88,7 @@ def task_metrics(cfg: TaskConfig) -> tuple[str, ...]:
     """Metric names, main one first: GLUE's for a GLUE task; else by kind."""
     if cfg.glue:
         return GLUE[cfg.glue].metrics
-    return ("pearson", "spearman", "mse") if task_kind(cfg) == "regression" else ("accuracy", "f1", "mcc")
+    return ("pearson", "spearman", "mse") if task_kind(cfg) == "regression" else ("accuracy", "macro_f1", "mcc")
 
 
 def local_files(cfg: TaskConfig) -> tuple[str, str]:
@@ -72,6 +96,15 @@ def local_files(cfg: TaskConfig) -> tuple[str, str]:
     if cfg.train_file or cfg.dev_file:
         return cfg.train_file, cfg.dev_file
     return str(BUNDLED_SST2 / "train.tsv"), str(BUNDLED_SST2 / "dev.tsv")
+
+
+def eval_files(cfg: TaskConfig) -> list[tuple[str, str]]:
+    """[(role, file)] that `ctcd-ds evaluate` reads: the dev file and the test file that are given; with neither
+    (and no train file), the bundled SST-2 dev split. The training file is never among them."""
+    files = [(role, f) for role, f in (("dev", cfg.dev_file), ("test", cfg.test_file)) if f]
+    if not files and not cfg.train_file:
+        files = [("dev", str(BUNDLED_SST2 / "dev.tsv"))]
+    return files
 
 
 def _rows(path: Path, header: bool) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -144,7 +177,7 @@ def read_file(path: str, cfg: TaskConfig, kind: str, flag: str) -> Split:
                 ) from None
         else:
             labels.append(raw)
-    return Split(p.name, texts, labels)
+    return Split(p.name, texts, labels, source=path)
 
 
 def label_set(train: Split) -> list[str]:
@@ -155,63 +188,218 @@ def label_set(train: Split) -> list[str]:
     return sorted(values)
 
 
-def check_dev_labels(dev: Split, labels: list[str], path: str) -> None:
+def check_dev_labels(dev: Split, labels: list[str], path: str, known_by: str = "the training file never uses") -> None:
     known = set(labels)
     for i, label in enumerate(dev.labels):
         if label not in known:
             raise UserError(
-                f"{path}: example {i + 1} has label {label!r}, which the training file never uses (labels: "
-                f"{', '.join(labels)})"
+                f"{path}: example {i + 1} has label {label!r}, which {known_by} (labels: {', '.join(labels)})"
             )
 
 
-def load_glue(cfg: TaskConfig, cache_dir: str | None = None) -> tuple[Split, list[Split], list[str] | None]:
-    """GLUE train split and dev split(s) through ``datasets`` (needs the hub)."""
-    spec = GLUE[cfg.glue]
-    raw = datasets.load_dataset("nyu-mll/glue", cfg.glue, cache_dir=cache_dir)
+# --------------------------------------------------------------------------------------------------
+# GLUE through `datasets`: from the local cache, or from the hub when it answers
 
-    def split(name: str) -> Split:
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (read now, and as `datasets` read them at import)."""
+    return (
+        _true(os.environ.get("HF_HUB_OFFLINE"))
+        or _true(os.environ.get("HF_DATASETS_OFFLINE"))
+        or bool(datasets.config.HF_HUB_OFFLINE)
+    )
+
+
+def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co:443) opens within ``timeout_s``;
+    name resolution included (it runs in a thread: a resolver that hangs does not hold the caller)."""
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return bool(opened)
+
+
+def glue_cached(name: str, cache_dir: str | None = None) -> bool:
+    """Whether GLUE task ``name`` is in the local datasets cache (where `datasets` looks when offline)."""
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser() / GLUE_REPO.replace("/", "___") / name
+    return any(os.path.isdir(p) for p in glob.glob(str(root / "*" / "*")))
+
+
+def glue_problem(name: str, cache_dir: str | None = None) -> str | None:
+    """Why GLUE task ``name`` cannot be loaded now (not cached, and the hub is off or does not answer within
+    HUB_TIMEOUT_S), or None. Takes seconds at most: `datasets` itself can wait silently for minutes."""
+    if glue_cached(name, cache_dir):
+        return None
+    cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
+    if hub_offline():
+        why = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    elif not hub_reachable():
+        why = f"the hub ({huggingface_hub.constants.ENDPOINT}) did not answer within {HUB_TIMEOUT_S:.0f} s"
+    else:
+        return None
+    return (
+        f"task.glue={name}: {GLUE_REPO} ({name}) is not in the local datasets cache ({cache}) and {why}; give "
+        "--task.train_file/--task.dev_file (local .tsv/.csv/.jsonl files) instead, or run once where the hub "
+        "answers to cache it"
+    )
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """`datasets` and the hub client in offline mode for a while (they read the cache and open no connection)."""
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def load_glue(cfg: TaskConfig, cache_dir: str | None = None) -> tuple[Split, list[Split], list[str] | None]:
+    """GLUE train split and dev split(s) through ``datasets``: from the local cache when it holds the task (no
+    connection is opened), else from the hub; a clear UserError within seconds when neither can serve it."""
+    spec = GLUE[cfg.glue]
+    problem = glue_problem(cfg.glue, cache_dir)
+    if problem:
+        raise UserError(problem)
+    cached = glue_cached(cfg.glue, cache_dir)
+    try:
+        with _offline() if cached else contextlib.nullcontext():
+            raw = datasets.load_dataset(GLUE_REPO, cfg.glue, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as exc:
+        raise UserError(
+            f"task.glue={cfg.glue}: cannot load {GLUE_REPO} ({cfg.glue}): {exc}; give --task.train_file/--task.dev_file"
+        ) from exc
+
+    def split(name: str, role: str) -> Split:
         ds = raw[name]
         labels = list(ds["label"]) if spec.kind == "regression" else [str(v) for v in ds["label"]]
-        return Split(name, list(zip(*(ds[c] for c in spec.text_columns))), labels)
+        texts = list(zip(*(ds[c] for c in spec.text_columns)))
+        return Split(name, texts, labels, role, f"glue:{cfg.glue}/{name}")
 
     names = raw["train"].features["label"].names if spec.kind == "classification" else None
-    return split("train"), [split(s) for s in spec.dev_splits], ([str(i) for i in range(len(names))] if names else None)
+    labels = [str(i) for i in range(len(names))] if names else None
+    return split("train", "train"), [split(s, "dev") for s in spec.dev_splits], labels
 
 
-def compute_metrics(kind: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of one split: classification predictions/labels are class ids, regression floats."""
+# --------------------------------------------------------------------------------------------------
+# splits, metrics, baseline
+
+
+def compute_metrics(
+    kind: str, predictions: np.ndarray, labels: np.ndarray, num_labels: int | None = None
+) -> dict[str, float]:
+    """Metrics of one split: classification predictions/labels are class ids, regression floats.
+
+    Classification: accuracy, ``macro_f1`` (F1 averaged over the classes present), MCC; and for a two-class task
+    (``num_labels`` 2) ``f1``, the binary F1 of class id 1 (GLUE's F1 of MRPC and QQP)."""
     if kind == "regression":
         return {
             "pearson": float(pearsonr(predictions, labels)[0]),
             "spearman": float(spearmanr(predictions, labels)[0]),
             "mse": float(np.mean((predictions - labels) ** 2)),
         }
-    binary = len(set(labels.tolist()) | set(predictions.tolist())) <= 2
-    return {
+    out = {
         "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1_score(labels, predictions, average="binary" if binary else "macro", zero_division=0)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(labels, predictions)),
+    }
+    if num_labels == 2:
+        out["f1"] = float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))
+    return out
+
+
+def majority_baseline(train: Split, splits: list[Split], labels: list[str]) -> dict[str, Any]:
+    """The most frequent training label (the first in label order on a tie) and the accuracy of always
+    predicting it on each split."""
+    counts = Counter(train.labels)
+    label = max(labels, key=lambda lab: counts[lab])  # max keeps the first of equal counts
+    return {
+        "label": label,
+        "train_share": counts[label] / max(len(train.labels), 1),
+        "accuracy": {s.name: sum(v == label for v in s.labels) / max(len(s.labels), 1) for s in splits},
+        "examples": {s.name: len(s.labels) for s in splits},
     }
 
 
+def beats_baseline(accuracy: float, baseline: float, examples: int) -> tuple[bool, float]:
+    """(whether ``accuracy`` beats the majority ``baseline`` by more than noise, the margin needed): two standard
+    errors of an accuracy of ``baseline`` on ``examples`` examples, sqrt(b (1 - b) / n)."""
+    margin = 2 * (baseline * (1 - baseline) / max(examples, 1)) ** 0.5
+    return accuracy > baseline + margin, margin
+
+
+def _unique_names(splits: list[Split]) -> list[Split]:
+    """A test file named like a dev file (two folders' dev.tsv) is keyed `test:NAME`."""
+    seen: set[str] = set()
+    for s in splits:
+        if s.name in seen:
+            s.name = f"{s.role}:{s.name}"
+        seen.add(s.name)
+    return splits
+
+
 def load_splits(cfg: TaskConfig) -> tuple[Split, list[Split], list[str] | None]:
-    """(train, dev splits, class names or None for regression), every dev label checked."""
+    """(train, dev splits then the test split, class names or None for regression), every label checked against
+    the training file's. Each evaluation split's ``role`` is dev or test."""
     kind = task_kind(cfg)
     if cfg.glue:
-        train, devs, labels = load_glue(cfg)
+        train, evals, labels = load_glue(cfg)
     else:
         train_file, dev_file = local_files(cfg)
         train = read_file(train_file, cfg, kind, "task.train_file")
-        devs = [read_file(dev_file, cfg, kind, "task.dev_file")]
+        train.role = "train"
+        evals = [read_file(dev_file, cfg, kind, "task.dev_file")]
         labels = label_set(train) if kind == "classification" else None
-        if labels is not None:
-            check_dev_labels(devs[0], labels, dev_file)
-    if cfg.max_train_examples:
-        train = Split(train.name, train.texts[: cfg.max_train_examples], train.labels[: cfg.max_train_examples])
-    if cfg.max_dev_examples:
-        devs = [Split(d.name, d.texts[: cfg.max_dev_examples], d.labels[: cfg.max_dev_examples]) for d in devs]
-    return train, devs, labels
+    if cfg.test_file:
+        test = read_file(cfg.test_file, cfg, kind, "task.test_file")
+        test.role = "test"
+        evals.append(test)
+    if labels is not None and not cfg.glue:
+        for s in evals:
+            check_dev_labels(s, labels, s.source)
+    train = train.head(cfg.max_train_examples)
+    return train, _unique_names([s.head(cfg.max_dev_examples) for s in evals]), labels
+
+
+def load_eval_splits(cfg: TaskConfig, kind: str, labels: list[str] | None, known_by: str) -> list[Split]:
+    """The dev and test splits `ctcd-ds evaluate` reads (:func:`eval_files`, or GLUE's dev splits), every label
+    checked against ``labels`` (the model's); the training file is never read."""
+    if cfg.glue:
+        if cfg.dev_file or cfg.test_file:
+            raise UserError(f"task.glue={cfg.glue}: give either a GLUE task or local files (task.dev_file/test_file)")
+        _, evals, _ = load_glue(cfg)
+    else:
+        files = eval_files(cfg)
+        if not files:
+            raise UserError(
+                f"task.train_file={cfg.train_file}: evaluate reads no training file; give --task.dev_file or "
+                "--task.test_file"
+            )
+        evals = []
+        for role, path in files:
+            s = read_file(path, cfg, kind, f"task.{role}_file")
+            s.role = role
+            evals.append(s)
+    if labels is not None:
+        for s in evals:
+            check_dev_labels(s, labels, s.source, known_by)
+    return _unique_names([s.head(cfg.max_dev_examples) for s in evals])
 
 
 def encode(split: Split, tokenizer, seq_len: int, labels: list[str] | None) -> datasets.Dataset:
@@ -239,6 +427,15 @@ class PadCollator:
         }
 
 
+class Predictions(NamedTuple):
+    """A split's predictions: class ids (or floats for regression), the true labels, and the probability the model
+    gives its predicted class (None for regression)."""
+
+    predictions: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
 @torch.no_grad()
 def predict(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -246,15 +443,46 @@ def predict(
     collator: PadCollator,
     batch_size: int,
     device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, labels) over a whole split: class ids, or floats for regression."""
-    preds, golds = [], []
+) -> Predictions:
+    """Predictions over a whole split (in its order)."""
+    preds, golds, probs = [], [], []
     for start in range(0, len(data), batch_size):
         batch = collator(data[start : start + batch_size])
         logits = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-        preds.append(logits.squeeze(-1) if collator.regression else logits.argmax(-1))
+        if collator.regression:
+            preds.append(logits.squeeze(-1))
+        else:
+            p, ids = logits.softmax(-1).max(-1)
+            preds.append(ids)
+            probs.append(p)
         golds.append(batch["labels"])
-    return torch.cat(preds).numpy(), torch.cat(golds).numpy()
+    return Predictions(torch.cat(preds).numpy(), torch.cat(golds).numpy(), torch.cat(probs).numpy() if probs else None)
+
+
+def predictions_file(split: Split, splits: list[Split]) -> str:
+    """``predictions_<role>.jsonl`` (``predictions_<role>_<split>.jsonl`` where a role has several splits: MNLI)."""
+    same_role = [s for s in splits if s.role == split.role]
+    suffix = split.role if len(same_role) == 1 else f"{split.role}_{Path(split.name.split(':')[-1]).stem}"
+    return f"predictions_{suffix}.jsonl"
+
+
+def write_predictions(path: Path, split: Split, result: Predictions, labels: list[str] | None) -> Path:
+    """One JSON line per example, in the split's order: text (a list for pairs), gold label, predicted label and,
+    for classification, the probability of the predicted label."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, text in enumerate(split.texts):
+            row: dict[str, Any] = {"text": text[0] if len(text) == 1 else list(text)}
+            if labels is None:
+                row |= {"label": float(split.labels[i]), "prediction": float(result.predictions[i])}
+            else:
+                row |= {
+                    "label": split.labels[i],
+                    "prediction": labels[int(result.predictions[i])],
+                    "probability": round(float(result.probabilities[i]), 6),
+                }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def head_settings(kind: str, labels: list[str] | None) -> dict[str, Any]:

@@ -22,31 +22,33 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from ctcd_ds import dist
-from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import FinetuneConfig, MemberConfig, PretrainConfig, PretrainMemberConfig, TaskConfig
-from ctcd_ds.data import MaskingCollator, SharedLoader, eval_batches, load_blocks
+from ctcd_ds.data import MaskingCollator, SharedLoader, eval_batches, load_blocks, run_tokenizer
 from ctcd_ds.engines import Member
 from ctcd_ds.errors import UserError
 from ctcd_ds.export import export_checkpoint
 from ctcd_ds.layout import is_checkpoint_member
-from ctcd_ds.models import SparseMLM, build_model, remap_init
-from ctcd_ds.presets import weight_dirs
+from ctcd_ds.models import SparseMLM, build_model, parameters_of, remap_init
 from ctcd_ds.pruning import minidisc
 from ctcd_ds.pruning.training import SANDWICH_EMA, Pruner, Sandwich
 from ctcd_ds.pruning.widths import target_widths, widths_of
 from ctcd_ds.task_data import (
     PadCollator,
-    check_dev_labels,
+    Predictions,
     compute_metrics,
     encode,
     head_settings,
+    load_eval_splits,
     load_splits,
     local_files,
+    majority_baseline,
     predict,
+    predictions_file,
     task_kind,
     task_metrics,
+    write_predictions,
 )
-from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
+from ctcd_ds.tokenizer import load_tokenizer
 
 
 class Prediction(NamedTuple):
@@ -104,7 +106,7 @@ class MaskedLM:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.device = dist.device()
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = run_tokenizer(cfg)
         train_blocks, eval_blocks = load_blocks(cfg.data, self.tokenizer, cfg.seed)
         collator = MaskingCollator(self.tokenizer, cfg.data.mlm_probability)
         self.loader = SharedLoader(
@@ -115,23 +117,7 @@ class MaskedLM:
         )
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
         self.minidisc_choices: dict[str, dict[str, int]] = {}
-        self.minidisc_tables: list[tuple] = []  # (member, candidates, best, lambda) of each MiniDisc choice made
-
-    def _tokenizer(self) -> PreTrainedTokenizerBase:
-        cfg = self.cfg
-        source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
-        if source is None:
-            train_files, _ = corpus_files(cfg.data)
-            if not train_files:
-                raise UserError(
-                    f"tokenizer.path: empty; give a tokenizer for data.dataset={cfg.data.dataset} (training one "
-                    "needs local files)"
-                )
-            with dist.rank0_first():
-                source = str(trained_tokenizer_dir(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
-        tok = load_tokenizer(source)
-        dist.print0(f"tokenizer: {source} ({len(tok)} tokens)")
-        return tok
+        self.minidisc_tables: list[tuple] = []  # (member, candidates, best, lambda, reference) per choice
 
     def build_module(self, name: str, m: PretrainMemberConfig, recorded: dict[str, Any] | None) -> SparseMLM:
         model = build_model(m.model, len(self.tokenizer), self.tokenizer.pad_token_id)
@@ -168,11 +154,28 @@ class MaskedLM:
         loader = SharedLoader(self.loader.dataset, self.loader.collator, self.loader.batch_size, self.cfg.seed + 17)
         batches = iter(loader)
         score_batches = [next(batches) for _ in range(m.minidisc.batches)]
-        chosen, candidates, best = minidisc.select(model, m.minidisc, score_batches, self.eval_batches, self.device)
-        dist.print0(minidisc.table(candidates, best, m.minidisc.lam))
-        self.minidisc_tables.append((name, candidates, best, m.minidisc.lam))
+        chosen, candidates, best, reference = minidisc.select(
+            model,
+            m.minidisc,
+            score_batches,
+            self.eval_batches,
+            self.device,
+            student=self._largest_taught(name),
+            flag=f"members.{name}.minidisc",
+        )
+        dist.print0(minidisc.table(candidates, best, m.minidisc.lam, reference))
+        self.minidisc_tables.append((name, candidates, best, m.minidisc.lam, reference))
         self.minidisc_choices[name] = minidisc.choice_of(candidates[best])
         return chosen
+
+    def _largest_taught(self, name: str) -> tuple[str, int]:
+        """(name, parameters) of the largest member ``name`` teaches through an edge; ("", 0) if none."""
+        taught = {e.target for e in self.cfg.edges if e.source == name and e.target in self.cfg.members}
+        sizes = {
+            t: parameters_of(self.cfg.members[t].model, len(self.tokenizer), self.tokenizer.pad_token_id)
+            for t in taught
+        }
+        return max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
 
     def state(self) -> dict[str, Any]:
         return {name: {"minidisc": choice} for name, choice in self.minidisc_choices.items()}
@@ -246,14 +249,22 @@ class Classification:
         self.model_dirs = self._model_dirs(out)
         self.tokenizer = load_tokenizer(next(iter(self.model_dirs.values())))
         self.kind = task_kind(cfg.task)
-        train, devs, self.labels = load_splits(cfg.task)
+        train, self.splits, self.labels = load_splits(cfg.task)
+        self.train_source = train.source
         self.collator = PadCollator(self.tokenizer.pad_token_id, self.kind == "regression")
         with dist.rank0_first():
             train_ds = encode(train, self.tokenizer, cfg.task.seq_len, self.labels)
-            self.devs = {d.name: encode(d, self.tokenizer, cfg.task.seq_len, self.labels) for d in devs}
+            encoded = {s.name: encode(s, self.tokenizer, cfg.task.seq_len, self.labels) for s in self.splits}
+        self.devs = {s.name: encoded[s.name] for s in self.splits if s.role == "dev"}
+        self.tests = {s.name: encoded[s.name] for s in self.splits if s.role == "test"}
+        """Evaluated once, at the end (:meth:`write_results`): never seen while training or choosing."""
+        self.baseline = majority_baseline(train, self.splits, self.labels) if self.labels else None
         self.loader = SharedLoader(train_ds, self.collator, cfg.train.micro_batch_size, cfg.seed)
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.task.seq_len
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.predictions: dict[str, dict[str, Predictions]] = {}
+        """The latest predictions of every member on every split (written at the end)."""
+        self.members: dict[str, Member] = {}
 
     def _model_dirs(self, out: Path) -> dict[str, str]:
         """Each member's pretrained directory; members inside a checkpoint are exported first (to ``out/init``)."""
@@ -301,16 +312,22 @@ class Classification:
             return F.mse_loss(prediction.logits.float().squeeze(-1), prediction.targets)
         return F.cross_entropy(prediction.logits.float(), prediction.targets)
 
+    def _evaluate_split(self, name: str, m: Member, split: str, data) -> dict[str, float]:
+        result = predict(m.engine, data, self.collator, self.cfg.train.micro_batch_size, self.device)
+        metrics = compute_metrics(self.kind, result.predictions, result.labels, len(self.labels or []))
+        self.results.setdefault(name, {})[split] = metrics
+        self.predictions.setdefault(name, {})[split] = result
+        return metrics
+
     def evaluate(self, members: dict[str, Member]) -> dict[str, float]:
-        """Every member's metrics on every dev split (each rank evaluates the whole split)."""
+        """Every member's metrics on every dev split (each rank evaluates the whole split); not the test split."""
+        self.members = members
         out = {}
         for name, m in members.items():
             m.engine.eval()
             self.results[name] = {}
             for split, data in self.devs.items():
-                preds, golds = predict(m.engine, data, self.collator, self.cfg.train.micro_batch_size, self.device)
-                metrics = compute_metrics(self.kind, preds, golds)
-                self.results[name][split] = metrics
+                metrics = self._evaluate_split(name, m, split, data)
                 prefix = f"eval/{name}" if len(self.devs) == 1 else f"eval/{name}/{split}"
                 out |= {f"{prefix}/{k}": v for k, v in metrics.items()}
             if m.trainable:
@@ -318,42 +335,91 @@ class Classification:
         return out
 
     def write_results(self, out: Path, step: int) -> Path:
-        """``results.json``: every member's dev metrics at the end of the run (rank 0 writes)."""
+        """At the end of the run (after the last :meth:`evaluate`): evaluate the test split (every rank: it is a
+        forward of the engines), then rank 0 writes ``results.json`` (every member's dev and test metrics, the
+        files they came from, the majority-class baseline) and every member's per-example predictions."""
+        for name, m in self.members.items():
+            m.engine.eval()
+            for split, data in self.tests.items():
+                self._evaluate_split(name, m, split, data)
         path = out / "results.json"
         if dist.is_rank0():
             t = self.cfg.task
-            task = t.glue or local_files(t)[0]
-            main = task_metrics(t)[0]
-            path.write_text(
-                json.dumps({"task": task, "main_metric": main, "step": step, "members": self.results}, indent=2)
-            )
+            files = {}
+            for name in self.predictions:
+                for s in self.splits:
+                    target = out / "predictions" / name / predictions_file(s, self.splits)
+                    write_predictions(target, s, self.predictions[name][s.name], self.labels)
+                    files.setdefault(name, {})[s.name] = str(target)
+            results = {
+                "task": t.glue or local_files(t)[0],
+                "main_metric": task_metrics(t)[0],
+                "step": step,
+                "train_file": self.train_source,
+                "splits": {s.name: {"role": s.role, "file": s.source, "examples": len(s.labels)} for s in self.splits},
+                "members": self.results,
+                "majority_baseline": self.baseline,
+                "predictions": files,
+            }
+            path.write_text(json.dumps(results, indent=2))
         return path
 
 
-def evaluate_model(
-    model_dir: str, task: TaskConfig, out: Path | None, batch_size: int = 64
-) -> dict[str, dict[str, float]]:
-    """Metrics of a fine-tuned model directory on the task's dev split(s); also written to ``out``."""
+def model_task_kind(model_dir: str, config, task: TaskConfig) -> str:
+    """The task kind of a fine-tuned model: ``task.kind`` if set (checked against the head), else its head's (one
+    output or ``problem_type`` regression: regression)."""
+    regression = config.num_labels == 1 or config.problem_type == "regression"
+    kind = task.kind if task.kind != "auto" else ("regression" if regression else "classification")
+    if task.kind == "auto" and task.glue:
+        kind = task_kind(task)
+    if regression != (kind == "regression"):
+        raise UserError(f"--model={model_dir}: it has {config.num_labels} outputs but task.kind={kind}")
+    return kind
+
+
+def evaluate_model(model_dir: str, task: TaskConfig, out: Path | None, batch_size: int = 64) -> dict[str, Any]:
+    """Metrics of a fine-tuned model directory on the task's dev and test splits, and the files they came from;
+    written to ``out`` with, next to it, one ``predictions_<split>.jsonl`` per split. The label set is the model's
+    (``id2label``): no training file is read."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model={model_dir}: not a model directory (no config.json); give export/NAME of a run")
+    config = AutoConfig.from_pretrained(model_dir)
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise UserError(
+            f"--model={model_dir}: not a fine-tuned classifier ({', '.join(config.architectures or ['?'])}); "
+            "fine-tune it first (ctcd-ds finetune)"
+        )
+    kind = model_task_kind(model_dir, config, task)
+    labels = None if kind == "regression" else [str(config.id2label[i]) for i in range(config.num_labels)]
+    splits = load_eval_splits(task, kind, labels, f"the model does not know (--model={model_dir})")
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(model_dir)
-    kind = task_kind(task)
-    if (model.config.num_labels == 1) != (kind == "regression"):
-        raise UserError(f"--model={model_dir}: it has {model.config.num_labels} outputs but task.kind={kind}")
-    _, devs, _ = load_splits(task)
-    labels = None if kind == "regression" else [model.config.id2label[i] for i in range(model.config.num_labels)]
     collator = PadCollator(tokenizer.pad_token_id, kind == "regression")
-    results = {}
-    for dev in devs:
-        if labels is not None:
-            check_dev_labels(dev, labels, dev.name)
 
-        def forward(ids, mask):
-            return model(input_ids=ids, attention_mask=mask).logits
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
 
-        data = encode(dev, tokenizer, task.seq_len, labels)
-        preds, golds = predict(forward, data, collator, batch_size, torch.device("cpu"))
-        results[dev.name] = compute_metrics(kind, preds, golds)
+    results, predictions = {}, {}
+    for split in splits:
+        data = encode(split, tokenizer, task.seq_len, labels)
+        predictions[split.name] = predict(forward, data, collator, batch_size, torch.device("cpu"))
+        result = predictions[split.name]
+        results[split.name] = compute_metrics(kind, result.predictions, result.labels, len(labels or []))
+    report = {
+        "model": model_dir,
+        "task": task.glue or splits[0].source,
+        "splits": {s.name: {"role": s.role, "file": s.source, "examples": len(s.labels)} for s in splits},
+        "results": results,
+        "predictions": {},
+    }
     if out is not None:
-        task_name = task.glue or local_files(task)[1]
-        Path(out).write_text(json.dumps({"model": model_dir, "task": task_name, "results": results}, indent=2))
-    return results
+        out = Path(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for s in splits:
+                path = write_predictions(out.parent / predictions_file(s, splits), s, predictions[s.name], labels)
+                report["predictions"][s.name] = str(path)
+            out.write_text(json.dumps(report, indent=2))
+        except OSError as exc:
+            raise UserError(f"--out={out}: cannot write the results there: {exc.strerror or exc}") from exc
+    return report

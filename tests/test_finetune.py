@@ -4,18 +4,20 @@ starting from an export or from a checkpoint, the evaluate command."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
-from ctcd_ds import dist
+from ctcd_ds import cli, dist
 from ctcd_ds.checks import check
+from ctcd_ds.cli import main
 from ctcd_ds.config import FinetuneConfig, TaskConfig, load_config
 from ctcd_ds.errors import UserError
 from ctcd_ds.export import export_checkpoint
-from ctcd_ds.task_data import load_splits
+from ctcd_ds.task_data import beats_baseline, load_splits
 from ctcd_ds.tokenizer import load_tokenizer
 from ctcd_ds.trainer import run_finetune
 
@@ -113,7 +115,7 @@ def test_finetune_sst2_export_and_evaluate_command(tmp_path, mlm_dir):
     summary = finetune(small(tmp_path / "ft", mlm_dir))
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     metrics = results["members"]["model"]["dev.tsv"]
-    assert set(metrics) == {"accuracy", "f1", "mcc"} and 0 <= metrics["accuracy"] <= 1
+    assert set(metrics) == {"accuracy", "macro_f1", "mcc", "f1"} and 0 <= metrics["accuracy"] <= 1
     assert results["main_metric"] == "accuracy" and results["step"] == 8
     exported = AutoModelForSequenceClassification.from_pretrained(summary["exports"]["model"])
     assert exported.config.id2label == {0: "0", 1: "1"} and exported.config.num_labels == 2
@@ -186,3 +188,87 @@ def test_regression_task(tmp_path, mlm_dir):
     )
     metrics = json.loads((tmp_path / "reg" / "results.json").read_text())["members"]["model"]["reg.csv"]
     assert set(metrics) == {"pearson", "spearman", "mse"}
+
+
+def test_finetune_help_shows_the_finetuning_defaults_and_only_its_settings(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    member = FinetuneConfig().members["model"]  # the default member, not a pre-training member's defaults
+    assert f"--members.NAME.lr (default {member.lr})" in text
+    assert f"--members.NAME.warmup_ratio (default {member.warmup_ratio})" in text
+    assert f'--members.NAME.model (default "{member.model}")' in text
+    assert f"--train.steps (default {FinetuneConfig().train.steps})" in text
+    flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    for absent in ("prune", "minidisc", "init_from", "hidden_weight"):
+        assert not [f for f in flags if absent in f], absent
+    model_doc = text.split("--members.NAME.model")[1].split("--members.NAME.trainable")[0]
+    assert "preset" not in model_doc and "checkpoints/step_N/NAME" in model_doc
+    assert "--task.test_file" in flags
+
+
+SWEEP = Path(__file__).resolve().parents[1] / "benchmarks/results/cpu-2026-11-27/finetune_lr_sweep.txt"
+
+
+def test_the_default_lr_learned_for_both_presets_in_the_recorded_sweep():
+    """The default lr is one at which both tiny presets, pretrained, clearly beat the majority-class baseline on the
+    bundled SST-2 in benchmarks/finetune_lr_sweep.py's recorded run (1e-4, the old default, left the student at it)."""
+    lines = SWEEP.read_text().splitlines()
+    baseline = float(next(line for line in lines if line.startswith("majority-class baseline")).split()[-1])
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["lr"])
+    models = lines[header].split()[1:]
+    table = {}
+    for line in lines[header + 1 :]:
+        cells = re.sub(r"\[[^\]]*\]", "", line).split()  # the means, without each seed's score in brackets
+        if not cells or cells[0].startswith("majority"):
+            break
+        table[float(cells[0])] = [float(c) for c in cells[1:]]
+    assert models == ["student", "teacher"] and len(table) >= 4
+    scores = table[FinetuneConfig().members["model"].lr]
+    assert len(scores) == 2 and all(score > baseline + 0.1 for score in scores), (scores, baseline)
+
+
+def test_majority_baseline_test_file_and_predictions(tmp_path, mlm_dir, capsys):
+    """results.json names its files, holds the majority-class baseline, the test split's metrics (evaluated at the
+    end only) and per-example predictions; a member that does not beat the baseline gets a warning line."""
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"good film {i}\tpos\n" for i in range(24)) + "bad\tneg\n" * 8)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\n" + "fine\tpos\n" * 6)  # all the majority label: nothing beats 100%
+    test = tmp_path / "test.tsv"
+    test.write_text("sentence\tlabel\nbad film\tneg\nnice\tpos\nawful\tneg\nok\tpos\n")
+    out = tmp_path / "ft"
+    args = [f"--task.train_file={train}", f"--task.dev_file={dev}", f"--task.test_file={test}"]
+    finetune([*small(out, mlm_dir), *args, "--train.steps=2"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_file"] == str(train)
+    assert results["splits"] == {
+        "dev.tsv": {"role": "dev", "file": str(dev), "examples": 6},
+        "test.tsv": {"role": "test", "file": str(test), "examples": 4},
+    }
+    assert results["majority_baseline"] == {
+        "label": "pos",
+        "train_share": 0.75,
+        "accuracy": {"dev.tsv": 1.0, "test.tsv": 0.5},
+        "examples": {"dev.tsv": 6, "test.tsv": 4},
+    }
+    assert set(results["members"]["model"]) == {"dev.tsv", "test.tsv"}
+    assert set(results["members"]["model"]["test.tsv"]) == {"accuracy", "macro_f1", "mcc", "f1"}
+    evaluated = [m for m in read_metrics(out) if any(k.startswith("eval/") for k in m)]
+    assert evaluated and all("test" not in k for m in evaluated for k in m)  # the test split is not logged
+    rows = [json.loads(line) for line in (out / "predictions/model/predictions_test.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["bad film", "nice", "awful", "ok"] and rows[0]["label"] == "neg"
+    assert all(r["prediction"] in ("neg", "pos") and 0.5 <= r["probability"] <= 1 for r in rows)
+    assert results["predictions"]["model"]["dev.tsv"] == str(out / "predictions/model/predictions_dev.jsonl")
+    capsys.readouterr()
+    cli._print_finetune_results(results)
+    printed = capsys.readouterr().out
+    assert "(majority baseline: accuracy=1.0000, always 'pos')" in printed
+    assert "warning: model dev.tsv: accuracy" in printed and "does not beat the majority-class baseline" in printed
+
+
+def test_beating_the_baseline_means_by_more_than_noise():
+    # the sweep's student at lr 1e-4: 0.558 on SST-2 dev (872 sentences) against always-positive 0.5555
+    assert beats_baseline(0.558, 0.5555, 872) == (False, pytest.approx(2 * (0.5555 * 0.4445 / 872) ** 0.5))
+    assert beats_baseline(0.78, 0.5555, 872)[0] and not beats_baseline(0.58, 0.5555, 872)[0]

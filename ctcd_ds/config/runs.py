@@ -47,6 +47,8 @@ class PretrainConfig:
     """Checkpointing."""
     export: bool = True
     """Export every member as a Hugging Face model directory at the end."""
+    copied_from: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Derived, not a setting: the member each copied member's `model` was taken from (to describe it)."""
 
     def __post_init__(self) -> None:
         """A member whose `model` names another member is a copy of that member's model (resolved here, so
@@ -62,10 +64,15 @@ class PretrainConfig:
                     )
                 chain.append(m.model)
                 m.model = self.members[m.model].model
+            if len(chain) > 1:
+                self.copied_from[name] = chain[1]
 
 
 def _finetune_members() -> dict[str, MemberConfig]:
-    return {"model": MemberConfig(model="runs/ctcd-tiny/export/student", lr=1e-4, warmup_ratio=0.1)}
+    """lr 3e-4: the rate that learns for both tiny presets on the bundled SST-2 (1e-4 leaves the student at the
+    majority-class baseline, 1e-3 collapses the teacher to it: benchmarks/results/cpu-2026-11-27/
+    finetune_lr_sweep.txt, docs/finetuning.md)."""
+    return {"model": MemberConfig(model="runs/ctcd-tiny/export/student", lr=3e-4, warmup_ratio=0.1)}
 
 
 @dataclass(kw_only=True, slots=True)
