@@ -63,7 +63,8 @@ class Edge:
         return self.share * self.hidden_weight
 
     @classmethod
-    def from_config(cls, cfg: EdgeConfig) -> Edge:
+    def from_config(cls, cfg: EdgeConfig, total_steps: int) -> Edge:
+        """The edge of a run of ``total_steps`` optimizer steps (its schedule ends at a fraction of them)."""
         return cls(
             source=cfg.source,
             target=cfg.target,
@@ -71,7 +72,7 @@ class Edge:
             weight0=cfg.weight,
             schedule=cfg.schedule,
             weight1=cfg.final_weight,
-            schedule_steps=cfg.schedule_steps,
+            schedule_steps=round(cfg.schedule_end * total_steps),
             hidden_weight=cfg.hidden_weight,
         )
 
@@ -105,7 +106,7 @@ class Graph:
             if isinstance(m, PretrainMemberConfig) and m.minidisc.sandwich
         }
         edges: list[Edge] = []
-        for e in map(Edge.from_config, cfg.edges):
+        for e in (Edge.from_config(c, cfg.train.steps) for c in cfg.edges):
             targets = [e.target, *(view_name(e.target, s) for s in views.get(e.target, ()))]
             edges += [replace(e, target=t, share=1.0 / len(targets)) for t in targets]
         return cls(

@@ -99,6 +99,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameters_of(model: str, vocab_size: int, pad_token_id: int) -> int:
+    """The parameter count of a preset or model directory, without building its weights (meta device)."""
+    with torch.device("meta"):
+        return count_parameters(AutoModelForMaskedLM.from_config(model_config(model, vocab_size, pad_token_id)))
+
+
 def save_hf(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
     """``save_pretrained`` with the given (full, fp32) weights."""
     model.save_pretrained(out_dir, state_dict={k: v.float().contiguous() for k, v in state_dict.items()})

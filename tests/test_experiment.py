@@ -61,7 +61,7 @@ def test_each_variant_puts_each_weight_on_its_edge(tmp_path):
         None, ["--alpha_schedule=linear", "--alpha_final=0.1", "--pretrain_steps=40"], ExperimentConfig
     )
     (alpha,) = [e for e in pretrain_config(decaying, "ctcd").edges if e.target == "teacher"]
-    assert (alpha.schedule, alpha.weight, alpha.final_weight, alpha.schedule_steps) == ("linear", 1.0, 0.1, 40)
+    assert (alpha.schedule, alpha.weight, alpha.final_weight, alpha.schedule_end) == ("linear", 1.0, 0.1, 1.0)
     ft = finetune_config(exp, MODELS[3], seed=5)
     assert (
         ft.seed == 5

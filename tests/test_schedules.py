@@ -85,12 +85,12 @@ def test_dwt_recipe_follows_its_weight_schedule_and_remaps(weak_teacher, tmp_pat
             *_tiny(tmp_path / "dwt"),
             f"--members.weak_teacher.model={weak_teacher}",
             f"--members.student.init_from={weak_teacher}",
-            "--edges.0.schedule_steps=4",
         ],
         config="dwt",
     )
     train = [m for m in read_metrics(run_dir) if "student/total_loss" in m]
-    assert [m["edge/weak_teacher->student/weight"] for m in train] == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0, 1.0])
+    # the recipe's schedule_end=0.4: 4 -> 1 over the first 40% of this 6-step run (2.4 -> 2 steps), then 1
+    assert [m["edge/weak_teacher->student/weight"] for m in train] == pytest.approx([4.0, 2.5, 1.0, 1.0, 1.0, 1.0])
     for m in train:  # the logged weight is the one applied
         w = m["edge/weak_teacher->student/weight"]
         assert m["student/total_loss"] == pytest.approx(
@@ -161,15 +161,22 @@ def test_homodistil_prunes_on_its_schedule_and_exports_a_smaller_model(weak_teac
 def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_path, capsys):
     overrides = [*_tiny(tmp_path / "minidisc"), f"--members.teacher.model={weak_teacher}", "--train.steps=2"]
     summary, run_dir = run(overrides, config="minidisc")
-    assert "MiniDisc candidates" in capsys.readouterr().out
     table = json.loads((run_dir / "minidisc_candidates.json").read_text())["ta"]
     rows = table["candidates"]
     assert [r["sparsity"] for r in rows] == [0.25, 0.5, 0.75]  # one row per candidate
     assert [(r["hidden"], r["heads"], r["ffn"]) for r in rows] == [(192, 3, 768), (128, 2, 512), (64, 1, 256)]
-    for r in rows:
-        assert r["score"] == pytest.approx(r["mlm_accuracy"] + 0.2 * r["param_sparsity"])
-        assert 0 < r["param_sparsity"] < 1
-    assert table["chosen"] == max(range(3), key=lambda i: rows[i]["score"])
+    # a TA sits between teacher and student: the 0.5 candidate has the student's shape (2L-128), 0.75 is smaller
+    student = count_parameters(build_model("tiny-student", 1000, 0))
+    assert table["student"] == "student" and table["student_params"] == student
+    assert table["teacher_params"] == count_parameters(AutoModelForMaskedLM.from_pretrained(weak_teacher))
+    assert [r["params"] > student for r in rows] == [True, False, False]
+    assert rows[0]["score"] == pytest.approx(rows[0]["mlm_accuracy"] + 0.2 * rows[0]["param_sparsity"])
+    assert rows[1]["score"] is None and rows[2]["score"] is None  # listed, not scored
+    assert all(0 < r["param_sparsity"] < 1 for r in rows)
+    assert table["chosen"] == 0
+    printed = capsys.readouterr().out
+    assert "MiniDisc candidates" in printed and "(unpruned)" in printed and "not eligible" in printed
+    assert f"ta: a copy of teacher's model ({weak_teacher})" in printed  # not just the source's path
     best = rows[table["chosen"]]
     ta = AutoModelForMaskedLM.from_pretrained(summary["exports"]["ta"])
     assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (
@@ -196,8 +203,19 @@ def test_minidisc_picks_the_best_scoring_teacher_assistant(weak_teacher, tmp_pat
     shutil.rmtree(run_dir / "export")
     run(overrides, config="minidisc")
     out = capsys.readouterr().out
-    assert "MiniDisc candidates" not in out and "the teacher assistant chosen earlier" in out
+    assert "MiniDisc candidates" not in out and "the teacher assistant chosen earlier (hidden " in out
     _same_weights(offline / "ta", run_dir / "export" / "ta")
+
+
+def test_minidisc_refuses_when_no_candidate_is_larger_than_the_student(weak_teacher, tmp_path):
+    overrides = [
+        *_tiny(tmp_path / "minidisc"),
+        f"--members.teacher.model={weak_teacher}",
+        "--members.ta.minidisc.sparsities=[0.5,0.75]",
+    ]
+    with pytest.raises(UserError, match=r"members.ta.minidisc.sparsities=\[0.5, 0.75\]: every candidate .* no larger "):
+        run(overrides, config="minidisc")
+    assert not (tmp_path / "minidisc").exists()  # refused before the run wrote anything
 
 
 def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path):
@@ -206,7 +224,7 @@ def test_sandwich_averages_the_kd_loss_over_sub_networks(weak_teacher, tmp_path)
             *_tiny(tmp_path / "sandwich"),
             f"--members.teacher.model={weak_teacher}",
             "--train.steps=3",
-            "--members.ta.minidisc.sparsities=[0.5]",
+            "--members.ta.minidisc.sparsities=[0.25]",
             "--members.student.minidisc.sandwich=[0.5,0.25]",
         ],
         config="minidisc",

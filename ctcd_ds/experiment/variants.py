@@ -125,7 +125,7 @@ def pretrain_config(exp: ExperimentConfig, name: str) -> PretrainConfig:
         edge = dataclasses.replace(edge, weight=getattr(exp, setting), temperature=exp.temperature)
         if setting == "alpha" and exp.alpha_schedule != "constant":
             edge = dataclasses.replace(
-                edge, schedule=exp.alpha_schedule, final_weight=exp.alpha_final, schedule_steps=steps
+                edge, schedule=exp.alpha_schedule, final_weight=exp.alpha_final, schedule_end=1.0
             )
         cfg.edges[i] = edge
     return cfg
