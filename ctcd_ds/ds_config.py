@@ -7,6 +7,7 @@ from the run config, so it lives in exactly one place. A template that sets one 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,32 @@ RUN_OWNED_KEYS = {
     "optimizer": "members.NAME.lr / weight_decay / beta1 / beta2",
     "scheduler": "members.NAME.warmup_ratio / lr_schedule",
 }
+
+
+MONITOR_KEYS = ("tensorboard", "csv_monitor", "wandb", "comet")
+"""DeepSpeed's monitor blocks. No engine gets one (each would log only its own lr, every engine into the same
+job); the run's monitor writes every member's scalars to the csv_monitor, wandb and comet a template enables."""
+
+
+def enabled_monitors(tmpl: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The monitor blocks a template enables, by key."""
+    return {k: tmpl[k] for k in MONITOR_KEYS if isinstance(tmpl.get(k), dict) and tmpl[k].get("enabled")}
+
+
+def _monitor_problems(flag: str, tmpl: dict[str, Any]) -> list[str]:
+    problems = []
+    monitors = enabled_monitors(tmpl)
+    if "tensorboard" in monitors:
+        problems.append(
+            f"{flag}: enables DeepSpeed's tensorboard monitor; every member's scalars already go to "
+            "<output_dir>/tensorboard: remove the block (csv_monitor, wandb and comet blocks are fed by the run)"
+        )
+    for key, package in (("wandb", "wandb"), ("comet", "comet_ml")):
+        if key in monitors and importlib.util.find_spec(package) is None:
+            problems.append(
+                f"{flag}: enables the {key} monitor, which needs the {package} package (pip install {package})"
+            )
+    return problems
 
 
 def template_names() -> list[str]:
@@ -54,6 +81,7 @@ def template_problems(name_or_path: str) -> list[str]:
         for k, v in RUN_OWNED_KEYS.items()
         if k in tmpl
     ]
+    problems += _monitor_problems(flag, tmpl)
     stage = tmpl.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"{flag}: zero_optimization.stage={stage!r} is not a ZeRO stage (0, 1, 2 or 3)")
@@ -92,6 +120,8 @@ def engine_config(
     ``load_universal``: the engine will load a DeepSpeed universal checkpoint (resuming on another world size).
     """
     ds = copy.deepcopy(load_template(template))
+    for key in MONITOR_KEYS:
+        ds.pop(key, None)
     ds.update(
         train_micro_batch_size_per_gpu=micro_batch_size,
         gradient_accumulation_steps=grad_accum_steps,

@@ -19,7 +19,6 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from ctcd_ds import dist
-from ctcd_ds.checkpoint import resume_point
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, PretrainMemberConfig, from_dict
 from ctcd_ds.errors import UserError
 from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, is_checkpoint, run_dir_of
@@ -27,8 +26,9 @@ from ctcd_ds.models import build_model, count_parameters, save_hf
 from ctcd_ds.pruning.masks import PruneMasks
 from ctcd_ds.pruning.minidisc import rebuild_choice
 from ctcd_ds.pruning.surgery import prune_bert
+from ctcd_ds.resume import resume_point
 from ctcd_ds.task_data import head_settings
-from ctcd_ds.tokenizer import load_tokenizer
+from ctcd_ds.tokenizer import load_tokenizer, save_tokenizer
 
 PREFIX = "hf."  # every engine's module holds its Hugging Face model as ``.hf``
 MASKS_PREFIX = "masks."  # ... and a member gated by masks (pruned, sandwich) its masks as ``.masks``
@@ -68,7 +68,7 @@ def _write(model, state: dict[str, torch.Tensor], tokenizer, out_dir: Path) -> N
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, state, tmp)
-    tokenizer.save_pretrained(str(tmp))
+    save_tokenizer(tokenizer, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -100,8 +100,8 @@ def _fresh_model(
 
 
 def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
-    """Export every member of a joint checkpoint, pre-training or fine-tuning (frozen members are
-    re-exported from their source)."""
+    """Export every trained member of a joint checkpoint, pre-training or fine-tuning (a frozen member is an
+    unchanged input: it is named, not exported again)."""
     ckpt = Path(ckpt)
     if is_checkpoint(ckpt):
         ckpt = resume_point(run_dir_of(ckpt), str(ckpt))  # verified against its manifest
@@ -119,22 +119,24 @@ def export_checkpoint(ckpt: Path, out_root: Path) -> dict[str, str]:
     tokenizer = load_tokenizer(run_dir_of(ckpt) / "tokenizer")
     written = {}
     for name, m in cfg.members.items():
+        if not m.trainable:
+            print(f"{name}: frozen, an unchanged input ({m.model}); not exported again")
+            continue
         model = _fresh_model(cfg, name, recorded.get(name, {}), tokenizer)
-        if m.trainable:
-            full_state = _checkpoint_state(ckpt, name)
-            missing, unexpected = model.load_state_dict(_hf_state(full_state), strict=False)
-            missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
-            if missing or unexpected:
-                raise UserError(
-                    f"--checkpoint={ckpt}: member '{name}' does not match the model its config.yaml builds "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-            if isinstance(m, PretrainMemberConfig) and m.prune.enabled:
-                masks = PruneMasks(model.config)
-                masks.load_state_dict(
-                    {k[len(MASKS_PREFIX) :]: v for k, v in full_state.items() if k.startswith(MASKS_PREFIX)}
-                )
-                model = prune_bert(model, masks)
+        full_state = _checkpoint_state(ckpt, name)
+        missing, unexpected = model.load_state_dict(_hf_state(full_state), strict=False)
+        missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
+        if missing or unexpected:
+            raise UserError(
+                f"--checkpoint={ckpt}: member '{name}' does not match the model its config.yaml builds "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        if isinstance(m, PretrainMemberConfig) and m.prune.enabled:
+            masks = PruneMasks(model.config)
+            masks.load_state_dict(
+                {k[len(MASKS_PREFIX) :]: v for k, v in full_state.items() if k.startswith(MASKS_PREFIX)}
+            )
+            model = prune_bert(model, masks)
         out = Path(out_root) / name
         _write(model, model.state_dict(), tokenizer, out)
         written[name] = str(out)

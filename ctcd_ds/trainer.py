@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from ctcd_ds import dist, ds_config
-from ctcd_ds.checkpoint import Checkpointer, map_loader_position, needs_universal, resume_point, saved_world_size
+from ctcd_ds.checkpoint import Checkpointer
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine, resolve_precision
 from ctcd_ds.errors import Preempted, UserError
@@ -35,9 +35,11 @@ from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, latest
 from ctcd_ds.models import count_parameters
 from ctcd_ds.monitor import Monitor
 from ctcd_ds.preemption import StopRequest
+from ctcd_ds.resume import map_loader_position, needs_universal, resume_point, saved_world_size
 from ctcd_ds.run_lock import RunLock
 from ctcd_ds.step import CoTrainingStep
 from ctcd_ds.tasks import Classification, MaskedLM, Task
+from ctcd_ds.tokenizer import save_tokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -90,9 +92,10 @@ class Trainer:
             seed_everything(cfg.seed + 7919 * (dist.rank() + 1))  # dropout differs per rank
         if dist.is_rank0():
             (self.out / CONFIG_FILE).write_text(dump_yaml(cfg))
-            task.tokenizer.save_pretrained(str(self.out / "tokenizer"))
+            save_tokenizer(task.tokenizer, self.out / "tokenizer")
             task.write_outputs(self.out)
-        self.monitor = Monitor(self.out, self.step)
+        monitors = ds_config.enabled_monitors(ds_config.load_template(cfg.deepspeed.template))
+        self.monitor = Monitor(self.out, self.step, list(self.members), monitors)
         self.stop = StopRequest()
 
     def _take_lock(self) -> None:
@@ -128,7 +131,9 @@ class Trainer:
             )
             members[name] = build_engine(name, module, m, ds, cfg.train.steps)
             role = "trainable" if m.trainable else "frozen"
-            dist.print0(f"{name}: {m.model}, {count_parameters(module) / 1e6:.2f}M parameters, {role}")
+            source = getattr(cfg, "copied_from", {}).get(name)
+            model = f"a copy of {source}'s model ({m.model})" if source else m.model
+            dist.print0(f"{name}: {model}, {count_parameters(module) / 1e6:.2f}M parameters, {role}")
         return members
 
     @property
@@ -183,6 +188,7 @@ class Trainer:
             mininterval=1.0,
         )
         last_ckpt = latest(self.out)
+        final_eval = None
         window_start, window_steps = time.perf_counter(), 0
         train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
         self.stop.install()
@@ -208,7 +214,8 @@ class Trainer:
                     self.monitor.write(self.step, scalars)
                     window_start, window_steps = time.perf_counter(), 0
                 if last or (loop.eval_every and self.step % loop.eval_every == 0):
-                    self.monitor.write(self.step, self.evaluate())
+                    final_eval = self.evaluate()
+                    self.monitor.write(self.step, final_eval)
                 saved = self._save(last)
                 last_ckpt = saved or last_ckpt
                 if not last and self.stop.agreed():  # a signal on some rank: every rank saves this step and stops
@@ -223,12 +230,17 @@ class Trainer:
             # training steps only (evaluation and checkpoints left out)
             "tokens_per_s": timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None,
             "peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+            # the held-out metrics at the last step (None when the run resumed there: nothing was trained)
+            "final_eval": final_eval if self.step == loop.steps else None,
+            "trained": list(self.trainable),
+            "frozen": {n: self.cfg.members[n].model for n in self.members if n not in self.trainable},
         }
 
     def export(self) -> dict[str, str]:
-        """Every member as a Hugging Face directory under ``<run>/export/<name>`` (collective)."""
+        """Every trained member as a Hugging Face directory under ``<run>/export/<name>`` (collective); a frozen
+        member is an unchanged input, not exported again."""
         out = {}
-        for name, m in self.members.items():
+        for name, m in self.trainable.items():
             path = self.out / "export" / name
             export_member(m.engine, self.task.tokenizer, path)
             out[name] = str(path)
@@ -244,6 +256,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     trainer = Trainer(cfg, MaskedLM(cfg))
     try:
         summary = trainer.train()
+        if summary["final_eval"] is None:  # resumed at the last step: evaluate what the checkpoint holds
+            summary["final_eval"] = trainer.evaluate()
         summary["exports"] = trainer.export() if cfg.export else {}
     finally:
         trainer.close()

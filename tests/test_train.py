@@ -134,6 +134,21 @@ def test_export_round_trip(ctcd_run, tmp_path):
     assert live.config.num_hidden_layers == 2 and live.config.hidden_size == 128  # the tiny student
 
 
+def test_deepspeed_zero_to_fp32_gives_the_exported_weights(ctcd_run, tmp_path):
+    """What docs/configuration.md says about DeepSpeed's own script: the tag is the member, keys start with hf."""
+    summary, run_dir, _ = ctcd_run
+    step = layout.latest(run_dir)
+    result = run_cli([PYTHON, str(step / "zero_to_fp32.py"), str(step), str(tmp_path / "fp32"), "--tag", "teacher"])
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "fp32" / "pytorch_model.bin")
+    assert all(k.startswith("hf.") for k in state)
+    model = AutoModelForMaskedLM.from_pretrained(summary["exports"]["teacher"])
+    exported = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()})
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, exported[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("template", ["zero0", "zero1", "zero3"])
 def test_other_zero_stages_train_and_export(template, tmp_path, tokenizer_dir):
     summary, run_dir = run(
@@ -158,24 +173,35 @@ def test_other_zero_stages_train_and_export(template, tmp_path, tokenizer_dir):
 def test_one_way_kd_with_a_frozen_pretrained_teacher(ctcd_run, tmp_path):
     summary, _, _ = ctcd_run
     teacher_dir = summary["exports"]["teacher"]
-    _, run_dir = run(
+    run_dir = tmp_path / "kd"
+    result = run_cli(
         [
-            f"--output_dir={tmp_path / 'kd'}",
+            PYTHON,
+            "-m",
+            "ctcd_ds.cli",
+            "pretrain",
+            "--config=kd",
+            f"--output_dir={run_dir}",
             f"--members.teacher.model={teacher_dir}",
             "--data.seq_len=64",
             "--data.max_train_blocks=64",
             "--train.micro_batch_size=8",
             "--train.steps=2",
             "--train.eval_batches=1",
-        ],
-        config="kd",
+        ]
     )
+    assert result.returncode == 0, result.stderr
     metrics = read_metrics(run_dir)
     assert "student/kd_loss_from_teacher" in metrics[0] and "teacher/total_loss" not in metrics[0]
-    assert "eval/teacher/mlm_loss" in metrics[-1]  # the frozen teacher is still evaluated
-    frozen = AutoModelForMaskedLM.from_pretrained(teacher_dir).state_dict()
-    after = AutoModelForMaskedLM.from_pretrained(run_dir / "export" / "teacher").state_dict()
-    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    last = metrics[-1]
+    assert "eval/teacher/mlm_loss" in last  # the frozen teacher is still evaluated
+    # the summary: what was trained, the final held-out metrics of every member, the frozen input not re-exported
+    out = result.stdout
+    assert "done: 2 steps of student (taught by frozen teacher)" in out
+    for name in ("teacher", "student"):
+        assert f"held-out:    {name}: MLM loss {last[f'eval/{name}/mlm_loss']:.4f}, perplexity" in out
+    assert f"input:       {teacher_dir}   (teacher, frozen: unchanged, not exported again)" in out
+    assert (run_dir / "export" / "student").is_dir() and not (run_dir / "export" / "teacher").exists()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

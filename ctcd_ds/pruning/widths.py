@@ -23,6 +23,9 @@ class Widths:
     heads: int
     ffn: int
 
+    def __str__(self) -> str:
+        return f"hidden {self.hidden}, {self.heads} heads, FFN {self.ffn}"
+
 
 def widths_of(config: BertConfig) -> Widths:
     return Widths(config.hidden_size, config.num_attention_heads, config.intermediate_size)
