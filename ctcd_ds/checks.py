@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ctcd_ds import ds_config
+from ctcd_ds import ds_config, prepared
 from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import ExperimentConfig, FinetuneConfig, PretrainConfig
 from ctcd_ds.errors import UserError
@@ -27,8 +27,8 @@ from ctcd_ds.graph import VIEW_SEP
 from ctcd_ds.layout import checkpoints, is_checkpoint, is_checkpoint_member
 from ctcd_ds.presets import PRESETS, is_pretrained_path, model_config, remap_problems, weight_dirs
 from ctcd_ds.pruning.widths import target_problems, widths_at_sparsity, widths_of
-from ctcd_ds.task_data import GLUE, load_splits, task_kind
-from ctcd_ds.tokenizer import has_tokenizer, load_tokenizer, pretrained_tokenizer_source
+from ctcd_ds.task_data import GLUE, glue_problem, load_splits, task_kind
+from ctcd_ds.tokenizer import MIN_VOCAB_SIZE, has_tokenizer, load_tokenizer, pretrained_tokenizer_source
 
 _CHUNK = 1 << 20
 _DECODE_HEAD = 16 << 20
@@ -162,14 +162,17 @@ def _edge_problems(cfg: PretrainConfig, problems: list[str]) -> None:
             problems.append(f"{flag}.weight={e.weight}: must be >= 0")
         if e.temperature <= 0:
             problems.append(f"{flag}.temperature={e.temperature}: must be > 0")
-        if e.schedule == "constant" and (e.schedule_steps != 0 or e.final_weight != 1.0):
+        if e.schedule == "constant" and (e.schedule_end != 1.0 or e.final_weight != 1.0):
             problems.append(
-                f"{flag}.schedule=constant: final_weight={e.final_weight} / schedule_steps={e.schedule_steps} would "
+                f"{flag}.schedule=constant: final_weight={e.final_weight} / schedule_end={e.schedule_end} would "
                 "have no effect; choose linear, cosine or step"
             )
-        elif e.schedule != "constant" and e.schedule_steps <= 0:
+        elif not 0 < e.schedule_end <= 1:
+            problems.append(f"{flag}.schedule_end={e.schedule_end}: a fraction of train.steps, in (0, 1]")
+        elif e.schedule != "constant" and round(e.schedule_end * cfg.train.steps) < 1:
             problems.append(
-                f"{flag}.schedule_steps={e.schedule_steps}: schedule={e.schedule} needs a number of steps > 0"
+                f"{flag}.schedule_end={e.schedule_end}: with train.steps={cfg.train.steps} the schedule would "
+                "end before the first step"
             )
         if e.final_weight < 0:
             problems.append(f"{flag}.final_weight={e.final_weight}: must be >= 0")
@@ -299,7 +302,8 @@ def _data_problems(cfg: PretrainConfig, problems: list[str]) -> None:
     if d.dataset and d.train_files:
         problems.append(f"data.dataset={d.dataset}: give either data.dataset or data.train_files, not both")
     for flag, files in (("data.train_files", train_files), ("data.eval_files", eval_files)):
-        problems.extend(p for p in (_text_file_problem(flag, f) for f in files) if p)
+        if not d.prepared:  # prepared blocks replace the text: it is not read (nor scanned at every start)
+            problems.extend(p for p in (_text_file_problem(flag, f) for f in files) if p)
     if d.seq_len < 8:
         problems.append(f"data.seq_len={d.seq_len}: must be >= 8")
     if not 0 < d.mlm_probability < 1:
@@ -310,6 +314,9 @@ def _data_problems(cfg: PretrainConfig, problems: list[str]) -> None:
         problems.append(f"data.max_train_blocks={d.max_train_blocks}: must be >= 0")
     if d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers}: must be >= 0")
+    if d.num_proc < 0:
+        problems.append(f"data.num_proc={d.num_proc}: must be >= 0 (0 = auto)")
+    problems.extend(prepared.run_problems(cfg))
 
 
 def _vocab_problems(cfg: PretrainConfig, hf_configs: dict[str, object], problems: list[str]) -> None:
@@ -317,8 +324,8 @@ def _vocab_problems(cfg: PretrainConfig, hf_configs: dict[str, object], problems
     if t.path and not has_tokenizer(t.path):
         problems.append(f"tokenizer.path={t.path}: no tokenizer files there")
         return
-    if t.vocab_size < 64:
-        problems.append(f"tokenizer.vocab_size={t.vocab_size}: must be >= 64")
+    if t.vocab_size < MIN_VOCAB_SIZE:  # 5 special tokens + 256 byte pieces + 64
+        problems.append(f"tokenizer.vocab_size={t.vocab_size}: must be >= {MIN_VOCAB_SIZE}")
     if t.max_sentences <= 0:
         problems.append(f"tokenizer.max_sentences={t.max_sentences}: must be > 0")
     dirs = weight_dirs(cfg.members)
@@ -397,17 +404,17 @@ def _checkpoint_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[st
         )
 
 
-def _output_problems(output_dir: str, problems: list[str]) -> None:
+def _output_problems(output_dir: str, problems: list[str], flag: str = "output_dir") -> None:
     if not output_dir:
-        problems.append("output_dir: must not be empty")
+        problems.append(f"{flag}: must not be empty")
         return
     out = Path(os.path.abspath(output_dir))
     if os.path.exists(out) and not os.path.isdir(out):
-        problems.append(f"output_dir={output_dir}: exists and is not a directory")
+        problems.append(f"{flag}={output_dir}: exists and is not a directory")
         return
     ancestor = next(p for p in (out, *out.parents) if os.path.exists(p))  # os.path: False, not raise, on EACCES
     if not os.path.isdir(ancestor):
-        problems.append(f"output_dir={output_dir}: {ancestor} is a file, not a directory")
+        problems.append(f"{flag}={output_dir}: {ancestor} is a file, not a directory")
         return
     # Create (and at once drop) a file where the first directory would be made: permission bits say yes to
     # root even where nothing can be written (read-only mounts, /proc, /sys).
@@ -415,7 +422,7 @@ def _output_problems(output_dir: str, problems: list[str]) -> None:
         with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as exc:
-        problems.append(f"output_dir={output_dir}: cannot create files in {ancestor} ({exc.strerror or exc})")
+        problems.append(f"{flag}={output_dir}: cannot create files in {ancestor} ({exc.strerror or exc})")
 
 
 def pretrain_problems(cfg: PretrainConfig) -> list[str]:
@@ -428,6 +435,21 @@ def pretrain_problems(cfg: PretrainConfig) -> list[str]:
     _data_problems(cfg, problems)
     _vocab_problems(cfg, hf_configs, problems)
     _loop_problems(cfg, problems)
+    return problems
+
+
+def prepare_problems(cfg: PretrainConfig, out: str) -> list[str]:
+    """Every problem of ``ctcd-ds prepare-data --out OUT`` with a pre-training config: its members (a pretrained
+    member's tokenizer is the run's), data and tokenizer settings, and the output directory."""
+    problems: list[str] = []
+    _output_problems(out, problems, flag="--out")
+    if not problems:  # writable: it must also be new, empty, or prepared data
+        problems.extend(prepared.out_problems(out))
+    if cfg.data.prepared:
+        problems.append(prepared.PREPARE_WRITES.format(cfg.data.prepared))
+    hf_configs = _member_problems(cfg, problems)
+    _data_problems(cfg, problems)
+    _vocab_problems(cfg, hf_configs, problems)
     return problems
 
 
@@ -476,9 +498,9 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
     t = cfg.task
     if t.glue and t.glue not in GLUE:
         problems.append(f"task.glue={t.glue}: not a GLUE task ({', '.join(GLUE)})")
-    if t.glue and (t.train_file or t.dev_file):
+    if t.glue and (t.train_file or t.dev_file or t.test_file):
         problems.append(
-            f"task.glue={t.glue}: give either a GLUE task or local files (task.train_file/dev_file), not both"
+            f"task.glue={t.glue}: give either a GLUE task or local files (task.train_file/dev_file/test_file), not both"
         )
     if (t.glue in GLUE or not t.glue) and cfg.edges and task_kind(t) == "regression":
         problems.append("edges: co-distillation on class logits needs a classification task (task.kind=regression)")
@@ -496,6 +518,8 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
             load_splits(t)
         except UserError as exc:
             problems.extend(exc.problems)
+    if t.glue in GLUE:  # not cached and no hub: say so in seconds (`datasets` would wait silently)
+        problems.extend(filter(None, [glue_problem(t.glue)]))
     _loop_problems(cfg, problems)
     return problems
 

@@ -1,4 +1,5 @@
-"""``ctcd-ds`` command line: pretrain | finetune | experiment | evaluate | export | presets | show-config.
+"""``ctcd-ds`` command line: pretrain | finetune | experiment | evaluate | export | prepare-data | presets |
+show-config.
 
 Thin: parse, load the config, check it, call the library entry point. User mistakes
 (:class:`~ctcd_ds.errors.UserError`) print ``error: ...`` lines (all of them at once) and exit with status 2;
@@ -8,6 +9,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch.distributed
 
 from ctcd_ds import dist
-from ctcd_ds.checks import check
+from ctcd_ds.checks import check, prepare_problems
 from ctcd_ds.config import (
     DeepSpeedConfig,
     ExperimentConfig,
@@ -27,10 +29,14 @@ from ctcd_ds.config import (
     options_help,
     recipe_names,
 )
+from ctcd_ds.config.loading import parse_overrides
 from ctcd_ds.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UserError
 from ctcd_ds.experiment.runner import Experiment
 from ctcd_ds.export import export_checkpoint
+from ctcd_ds.prepare import prepare_data
+from ctcd_ds.prepared import use_prepared_tokenizer
 from ctcd_ds.presets import PRESETS
+from ctcd_ds.task_data import beats_baseline
 from ctcd_ds.tasks import evaluate_model
 from ctcd_ds.trainer import run_finetune, run_pretrain
 
@@ -43,6 +49,15 @@ def _options_epilog(root: type) -> str:
     for flag, default, doc in options_help(root):
         lines.append(f"  --{flag} (default {default})")
         lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _task_epilog() -> str:
+    lines = ["task settings (default: the bundled SST-2 dev split; --task.train_file is not read):"]
+    for flag, default, doc in options_help(FinetuneConfig):
+        if flag.startswith("task.") and flag not in ("task.train_file", "task.max_train_examples"):
+            lines.append(f"  --{flag} (default {default})")
+            lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
@@ -86,10 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev = sub.add_parser(
         "evaluate",
-        help="print the dev metrics of a fine-tuned model and write them to JSON",
+        help="print the dev/test metrics of a fine-tuned model; write them to JSON with per-example predictions",
         formatter_class=fmt,
-        epilog="task settings: the --task.* options of `ctcd-ds finetune --help` (default: the bundled SST-2 dev "
-        "split)",
+        description="Metrics and per-example predictions of a fine-tuned model on a dev and/or test file. The labels "
+        "come from the model (id2label): no training file is read.",
+        epilog=_task_epilog(),
     )
     ev.add_argument("--model", required=True, help="a fine-tuned model directory (e.g. runs/finetune/export/model)")
     ev.add_argument("--out", default=None, help="JSON file for the results (default: <model>/eval_results.json)")
@@ -100,17 +116,40 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a checkpoint dir (checkpoints/step_N) or a run dir (its latest checkpoint)"
     )
     exp.add_argument("--out", required=True, help="output directory; one sub-directory per member")
+    prep = with_config(
+        "prepare-data",
+        PretrainConfig,
+        recipes,
+        help="tokenize a corpus into blocks once, for data.prepared=DIR in any run on any node (docs/data.md)",
+        description="Resolve or train the tokenizer as `pretrain` with the same config would, tokenize the corpus, "
+        "group it into data.seq_len blocks and write them with the tokenizer and a manifest to --out.",
+    )
+    prep.add_argument("--out", required=True, help="the directory to write (new, empty, or earlier prepared data)")
+    prep.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds data prepared with other settings"
+    )
     sub.add_parser("presets", help="list model presets and recipes")
     return parser
 
 
 def _pretrain(cfg: PretrainConfig) -> None:
     summary = run_pretrain(cfg)
-    dist.print0(f"\ndone: {cfg.train.steps} steps of {', '.join(cfg.members)}")
+    frozen = summary["frozen"]
+    taught = f" (taught by frozen {', '.join(frozen)})" if frozen else ""
+    dist.print0(f"\ndone: {cfg.train.steps} steps of {', '.join(summary['trained'])}{taught}")
+    for name in cfg.members:
+        metrics = {k.split("/")[-1]: v for k, v in summary["final_eval"].items() if k.startswith(f"eval/{name}/")}
+        if metrics:
+            dist.print0(
+                f"  held-out:    {name}: MLM loss {metrics['mlm_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+                f"masked-token accuracy {metrics['accuracy']:.4f}"
+            )
     dist.print0(f"  tensorboard: {summary['tensorboard']}   (tensorboard --logdir {summary['tensorboard']})")
     dist.print0(f"  checkpoint:  {summary['checkpoint']}")
     for name, path in summary["exports"].items():
         dist.print0(f"  export:      {path}   ({name})")
+    for name, path in frozen.items():
+        dist.print0(f"  input:       {path}   ({name}, frozen: unchanged, not exported again)")
     if summary["tokens_per_s"] is not None:
         memory = "GPU memory allocated" if dist.device().type == "cuda" else "process RSS"
         dist.print0(
@@ -121,13 +160,43 @@ def _pretrain(cfg: PretrainConfig) -> None:
 
 def _finetune(cfg: FinetuneConfig) -> None:
     summary = run_finetune(cfg)
-    for name, splits in summary["metrics"].items():
-        for split, metrics in splits.items():
-            dist.print0(f"{name} {split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if dist.is_rank0():
+        _print_finetune_results(json.loads(Path(summary["results"]).read_text()))
     dist.print0(f"  results:     {summary['results']}")
     dist.print0(f"  tensorboard: {summary['tensorboard']}")
     for name, path in summary["exports"].items():
         dist.print0(f"  export:      {path}   ({name})")
+
+
+def _print_finetune_results(results: dict) -> None:
+    """Every member's metrics per split, next to the majority-class baseline; a warning where a member does not
+    beat it (classification: it has learned nothing the label frequencies do not give)."""
+    baseline = results.get("majority_baseline")
+    for name, splits in results["members"].items():
+        for split, metrics in splits.items():
+            role = results["splits"][split]["role"]
+            line = f"{name} {split} ({role}): " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            if baseline:
+                base = baseline["accuracy"][split]
+                line += f"  (majority baseline: accuracy={base:.4f}, always {baseline['label']!r})"
+            print(line)
+    if baseline:
+        for name, splits in results["members"].items():
+            for split, metrics in splits.items():
+                base = baseline["accuracy"][split]
+                beats, margin = beats_baseline(metrics["accuracy"], base, baseline["examples"][split])
+                if not beats:
+                    print(
+                        f"warning: {name} {split}: accuracy {metrics['accuracy']:.4f} does not beat the majority-class "
+                        f"baseline {base:.4f} (always predicting {baseline['label']!r}, the most frequent training "
+                        f"label) by more than noise (+{margin:.4f}: two standard errors on "
+                        f"{baseline['examples'][split]} examples): the model has not learned the task; try another "
+                        f"members.{name}.lr (too low, it barely moves; too high, it collapses to one label) or more "
+                        "train.steps"
+                    )
+    for name, files in results.get("predictions", {}).items():
+        for path in files.values():
+            print(f"  predictions: {path}   ({name})")
 
 
 def _experiment(exp: ExperimentConfig) -> None:
@@ -147,6 +216,8 @@ def _run(command: str, config: str | None, overrides: list[str]) -> None:
     root, run = RUNS[command]
     problems: list[str] = []
     cfg = load_config(config, overrides, root, problems)
+    if isinstance(cfg, PretrainConfig):
+        use_prepared_tokenizer(cfg)  # data.prepared and no tokenizer of its own: the one saved with the blocks
     check(cfg, problems)
     timeout_s = getattr(cfg, "deepspeed", DeepSpeedConfig()).collective_timeout_s
     dist.init_distributed(timeout_s)
@@ -175,14 +246,38 @@ def _collective_failure(exc: RuntimeError) -> bool:
 
 
 def _evaluate(model: str, out: str | None, overrides: list[str]) -> None:
-    not_task = [o for o in overrides if not o.lstrip("-").startswith("task.")]
+    not_task = [key for key, _ in parse_overrides(overrides) if not key.startswith("task.")]
     if not_task:
-        raise UserError([f"{o}: evaluate takes only --task.* settings" for o in not_task])
+        raise UserError([f"--{key}: evaluate takes only --task.* settings (and --model, --out)" for key in not_task])
     task = load_config(None, overrides, FinetuneConfig).task
     out_path = Path(out) if out else Path(model) / "eval_results.json"
-    for split, metrics in evaluate_model(model, task, out_path).items():
+    report = evaluate_model(model, task, out_path)
+    for split, metrics in report["results"].items():
         print(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        info = report["splits"][split]
+        print(f"  {info['role']}: {info['file']} ({info['examples']} examples)")
+        print(f"  predictions: {report['predictions'][split]}")
     print(f"results: {out_path}")
+
+
+def _prepare_data(config: str | None, overrides: list[str], out: str, overwrite: bool) -> None:
+    problems: list[str] = []
+    cfg = load_config(config, overrides, PretrainConfig, problems)
+    found = [*problems, *prepare_problems(cfg, out)]
+    if found:
+        raise UserError(found)
+    result = prepare_data(cfg, out, overwrite)
+    m = result["manifest"]
+    if result["status"] == "unchanged":
+        print(f"{result['dir']} already holds these blocks (same seq_len, tokenizer and sources); nothing to do")
+    else:
+        print(
+            f"prepared {result['dir']}: {m['blocks']['train']} train + {m['blocks']['eval']} eval blocks of "
+            f"{m['seq_len']} tokens, {sum(m['bytes'].values()) / 1e6:.1f} MB ({m['bytes_per_token']} bytes/token), "
+            f"{m['seconds']} s with data.num_proc={m['num_proc']}"
+        )
+    print(f"  tokenizer: {result['dir']}/tokenizer ({m['vocab_size']} tokens)")
+    print(f"  use it:    ctcd-ds pretrain --data.prepared={result['dir']} --data.seq_len={m['seq_len']} ...")
 
 
 def _presets() -> None:
@@ -200,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in RUNS:
             _run(args.command, args.config, rest)
         elif args.command == "show-config":
-            print(dump_yaml(load_config(args.config, rest)), end="")
+            print(dump_yaml(use_prepared_tokenizer(load_config(args.config, rest))), end="")
+        elif args.command == "prepare-data":
+            _prepare_data(args.config, rest, args.out, args.overwrite)
         elif args.command == "evaluate":
             _evaluate(args.model, args.out, rest)
         elif args.command == "export":

@@ -61,3 +61,21 @@ def test_step_benchmark_quick(tokenizer_dir):
     assert names == ["ctcd", "ctcd_ref", "teacher", "student"], res.stdout
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["ctcd_over_separate"] > 0 and summary["kd_loss"] == "fused"
+
+
+def test_finetune_lr_sweep_quick(tmp_path, tokenizer_dir):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ctcd_ds.tokenizer import load_tokenizer, save_tokenizer
+
+    model = tmp_path / "mlm"
+    config = BertConfig(
+        vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertForMaskedLM(config).save_pretrained(model)
+    save_tokenizer(load_tokenizer(tokenizer_dir), model)
+    args = ["--quick", "--models", f"tiny={model}", "--lrs", "1e-3", "3e-4", "--out", str(tmp_path / "sweep")]
+    res = run_benchmark("finetune_lr_sweep.py", *args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"^\s+1e-3\s+[\d.]+$", res.stdout, re.M) and re.search(r"^\s+3e-4\s+[\d.]+$", res.stdout, re.M)
+    assert "majority-class baseline (dev accuracy):" in res.stdout and "best lr for tiny: " in res.stdout

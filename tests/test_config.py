@@ -19,6 +19,7 @@ from ctcd_ds.config import (
     to_dict,
 )
 from ctcd_ds.errors import UserError
+from ctcd_ds.graph import Graph
 from ctcd_ds.presets import PRESETS, is_pretrained_path, model_config
 from ctcd_ds.tokenizer import load_tokenizer
 
@@ -318,3 +319,19 @@ def test_checking_a_config_imports_no_deepspeed():
 
     code = "import sys, ctcd_ds.checks, ctcd_ds.config; sys.exit('deepspeed' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
+
+
+def test_edge_schedules_are_fractions_of_the_run():
+    problems = problems_of(["--edges.0.schedule_steps=100"], "dwt")
+    assert "edges.0.schedule_steps: replaced by schedule_end, a fraction of train.steps" in " ".join(problems)
+    problems = problems_of(["--edges.0.schedule_end=1.5"], "dwt")
+    assert "edges.0.schedule_end=1.5: a fraction of train.steps, in (0, 1]" in problems
+    problems = problems_of(["--edges.0.schedule_end=0.1", "--train.steps=4"], "dwt")
+    assert any(
+        "schedule_end=0.1: with train.steps=4 the schedule would end before the first step" in p for p in problems
+    )
+    # the same fraction means the same share of any run: the weight reaches final_weight at 40% of the steps
+    for steps in (30, 250, 1000):
+        cfg = load_config("dwt", [f"--train.steps={steps}"])
+        (edge,) = Graph.from_config(cfg).edges
+        assert edge.weight(0) == 4.0 and edge.weight(round(0.4 * steps)) == 1.0 and edge.weight(steps - 1) == 1.0

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ctcd_ds.config.runs import PretrainConfig
+from ctcd_ds.config.runs import FinetuneConfig, PretrainConfig
 from ctcd_ds.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -76,14 +76,30 @@ def _choices(tp: Any) -> tuple | None:
     return None
 
 
+HELP_OVERRIDES: dict[type, dict[str, str | None]] = {
+    FinetuneConfig: {
+        "members.NAME.model": "The pretrained model to fine-tune: an exported directory (export/NAME of a pre-training "
+        "run) or a member's folder inside a pre-training checkpoint (checkpoints/step_N/NAME; exported first). A "
+        "classification or regression head is added on top.",
+        "members.NAME.trainable": "Train this member. A frozen member (false) must already be a classifier fine-tuned "
+        "for the task (a fine-tuned teacher); it only teaches through edges.",
+        "edges.I.hidden_weight": None,  # rejected by fine-tuning: it distils class logits
+    },
+}
+"""Per run schema: a doc that differs from the shared section's (the flag's own wording), or None for a setting the
+schema has but rejects (left out of its --help)."""
+
+
 def options_help(root: type = PretrainConfig) -> list[tuple[str, str, str]]:
     """(flag, default, doc) for every setting of ``root``, in tree order; members under `members.NAME.`,
-    edges under `edges.I.`; choices are appended to the doc."""
+    edges under `edges.I.`; choices are appended to the doc. Defaults are ``root``'s own (a fine-tuning member's
+    lr is FinetuneConfig's default member's); :data:`HELP_OVERRIDES` rewords or leaves out a shared setting."""
     rows: list[tuple[str, str, str]] = []
+    overrides = HELP_OVERRIDES.get(root, {})
 
     def walk(cls: type, prefix: str, default_obj: Any) -> None:
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        for f in settings(cls):
             value = getattr(default_obj, f.name)
             tp = hints[f.name]
             if dataclasses.is_dataclass(value):
@@ -106,7 +122,11 @@ def options_help(root: type = PretrainConfig) -> list[tuple[str, str, str]]:
                 rows.append((f"{prefix}{f.name}", json.dumps(value), doc))
 
     walk(root, "", root())
-    return rows
+    return [
+        (flag, default, overrides.get(flag, doc))
+        for flag, default, doc in rows
+        if not (flag in overrides and overrides[flag] is None)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +193,27 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     raise AssertionError(f"unsupported config type {tp} at {where}")
 
 
+REPLACED = {
+    "schedule_steps": "replaced by schedule_end, a fraction of train.steps (e.g. schedule_steps=100 of a 250-step "
+    "run is schedule_end=0.4)",
+}
+"""Settings of earlier versions, and what to write instead."""
+
+
+def settings(cls: Any) -> list[dataclasses.Field]:
+    """The settings of a config class: its fields a user sets (not the ones it derives, ``init=False``)."""
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
 def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in settings(cls)]
+    hints = {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if key not in hints and key in REPLACED:
+            problems.append(f"{path}: {REPLACED[key]}")
+            continue
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -189,7 +224,7 @@ def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> 
             kwargs[key] = value
     missing = [
         f.name
-        for f in dataclasses.fields(cls)
+        for f in settings(cls)
         if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     for name in missing:
@@ -206,7 +241,7 @@ def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> 
 def to_dict(cfg: Any) -> Any:
     """The config as plain YAML/JSON-able data (inverse of :func:`from_dict`)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in settings(cfg)}
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, list):

@@ -111,11 +111,13 @@ class EdgeConfig:
     temperature: float = 2.0
     """Softmax temperature tau of both distributions."""
     schedule: WeightSchedule = "constant"
-    """How the weight moves from `weight` to `final_weight` over `schedule_steps` (step: jumps at step K)."""
+    """How the weight moves from `weight` to `final_weight` over the first `schedule_end` of the run (step: jumps
+    there)."""
     final_weight: float = 1.0
-    """The weight after `schedule_steps` steps (not used by constant)."""
-    schedule_steps: int = 0
-    """K: the steps over which the weight decays (linear, cosine) or after which it switches (step)."""
+    """The weight from `schedule_end` on (not used by constant)."""
+    schedule_end: float = 1.0
+    """Fraction of `train.steps` over which the weight decays (linear, cosine) or after which it switches (step);
+    the same unit as `warmup_ratio` and `prune.start/end`. E.g. 0.4 = the first 40% of the steps."""
     hidden_weight: float = 0.0
     """Weight of the MSE between the source's and the target's last hidden states at the masked positions (HomoDistil);
     needs equal hidden sizes; over the dims the target keeps when it is being pruned. 0 = off."""
@@ -145,6 +147,13 @@ class DataConfig:
     """Use only the first N training blocks (0 = all); for quick runs."""
     cache_dir: str = ""
     """`datasets` cache directory (tokenized blocks are fingerprint-cached there). Empty: the datasets default."""
+    num_proc: int = 0
+    """Processes that tokenize the text (`datasets.map`). 0 = auto: one per usable CPU core, at most 16, for
+    text of 32 MB or more (a `dataset` counts as large), else 1. The blocks are the same for any value."""
+    prepared: str = ""
+    """A directory written by `ctcd-ds prepare-data` (docs/data.md): every rank reads its blocks memory-mapped
+    instead of tokenizing text; its seq_len and tokenizer must be the run's, and a run without tokenizer.path
+    uses its tokenizer. Empty: tokenize the text of this section."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
 
@@ -157,7 +166,8 @@ class TokenizerConfig:
     """An existing tokenizer directory. Empty: a pretrained member's tokenizer if it has one, else train a
     SentencePiece unigram tokenizer on the training text."""
     vocab_size: int = 8192
-    """Vocabulary size of a newly trained tokenizer (5 BERT special tokens included)."""
+    """Vocabulary size of a newly trained tokenizer: 5 BERT special tokens, 256 byte pieces (no character is ever
+    [UNK]) and the learned pieces; at least 325."""
     max_sentences: int = 200000
     """At most this many lines of the training corpus are fed to SentencePiece."""
 
@@ -198,13 +208,17 @@ class TaskConfig:
     """A sequence classification or regression task: a GLUE task from the hub, or local files."""
 
     glue: str = ""
-    """A GLUE task loaded with `datasets` (needs the hub): cola sst2 mrpc qqp stsb mnli qnli rte wnli. Empty: local
-    files."""
+    """A GLUE task loaded with `datasets`: cola sst2 mrpc qqp stsb mnli qnli rte wnli. Needs the hub, or the task in
+    the local datasets cache; without either it stops at once. Empty: local files."""
     train_file: str = ""
     """Local training file (.tsv, .csv or .jsonl). Empty (and no `glue`): the SST-2 train split bundled in the
-    package."""
+    package. `ctcd-ds evaluate` never reads it (the labels come from the model)."""
     dev_file: str = ""
-    """Local dev file, same format. Empty (and no `glue`): the bundled SST-2 dev split."""
+    """Local dev file, same format. Empty (and no `glue`): the bundled SST-2 dev split (for `ctcd-ds evaluate` only
+    when no test_file is given either)."""
+    test_file: str = ""
+    """Local labelled test file, same format: evaluated like the dev split, once at the end of fine-tuning (never during
+    it) and by `ctcd-ds evaluate`. Empty: none."""
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
     """One column (single sentence) or two (sentence pairs) holding the text. Ignored for GLUE tasks (their own
     columns)."""
@@ -217,7 +231,7 @@ class TaskConfig:
     max_train_examples: int = 0
     """Use only the first N training examples (0 = all)."""
     max_dev_examples: int = 0
-    """Evaluate on only the first N dev examples (0 = all)."""
+    """Evaluate on only the first N dev (and test) examples (0 = all)."""
     seq_len: int = 128
     """Truncate each example (pair) to this many tokens."""
 
