@@ -13,7 +13,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 from ctcd_ds.models import count_parameters
 from ctcd_ds.pruning.importance import one_shot_scores, structure_scores
 from ctcd_ds.pruning.masks import PruneMasks, attach, prune_lowest, prune_to
-from ctcd_ds.pruning.minidisc import TABLE_FILE, Candidate, choice_of, rebuild_choice, write_table
+from ctcd_ds.pruning.minidisc import TABLE_FILE, Candidate, Reference, choice_of, rebuild_choice, write_table
 from ctcd_ds.pruning.schedule import cubic_kept
 from ctcd_ds.pruning.surgery import prune_bert
 from ctcd_ds.pruning.training import Pruner, Sandwich
@@ -211,6 +211,8 @@ def test_minidisc_choice_rebuilds_the_candidate_shape(tmp_path):
     assert (ta.config.hidden_size, ta.config.num_attention_heads, ta.config.intermediate_size) == (32, 2, 48)
     assert ta.config.num_hidden_layers == 2 and model.config.hidden_size == 64  # the teacher's config is untouched
     other = Candidate(0.25, 48, 3, 72, 2, 0.25, 0.2, 0.45)
-    write_table(tmp_path, "ta", [other, chosen], best=1, lam=1.0)
+    reference = Reference(teacher_params=4, teacher_mlm_accuracy=0.3, student="student", student_params=1)
+    write_table(tmp_path, "ta", [other, chosen], best=1, lam=1.0, reference=reference)
     table = json.loads((tmp_path / TABLE_FILE).read_text())["ta"]  # the table people read names the same choice
     assert {k: table["candidates"][table["chosen"]][k] for k in choice} == choice
+    assert table["student_params"] == 1 and table["teacher_params"] == 4  # the sizes a TA sits between
