@@ -43,7 +43,10 @@ def _equal_step(tmp_path: Path, tokenizer_dir: Path, name: str, micro: int, accu
 
 def _assert_same_step(a: dict, b: dict) -> None:
     for key in a["scalars"]:
-        if key.endswith(("_loss", "grad_norm")) or "kd_loss" in key:
+        if "kd_loss" in key:  # a small difference of two near-equal log-probabilities: fp32 reduction order shows
+            # (one CI run: 0.0731445 vs 0.0731196 after 4 steps); a wrong accumulation or averaging is off by far more
+            assert a["scalars"][key] == pytest.approx(b["scalars"][key], rel=1e-3), key
+        elif key.endswith(("_loss", "grad_norm")):
             assert a["scalars"][key] == pytest.approx(b["scalars"][key], rel=1e-4), key  # fp32, other blockings
     for member, weights in a["weights"].items():
         for name, value in weights.items():
