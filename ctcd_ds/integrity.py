@@ -33,7 +33,7 @@ def write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path, fsync: bool = False) -> str:
+def sha256_file(path: Path, fsync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -45,7 +45,7 @@ def _sha256(path: Path, fsync: bool = False) -> str:
 
 def _sha256_all(paths: list[Path], fsync: bool = False) -> list[str]:
     with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(paths), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda path: _sha256(path, fsync), paths))
+        return list(pool.map(lambda path: sha256_file(path, fsync), paths))
 
 
 def write_manifest(folder: Path) -> None:

@@ -3,7 +3,6 @@ checks: :mod:`ctcd_ds.prepared`). See docs/data.md."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import PretrainConfig
 from ctcd_ds.data import auto_num_proc, run_tokenizer, token_dtype, write_blocks
 from ctcd_ds.errors import UserError
-from ctcd_ds.integrity import fsync_dir
+from ctcd_ds.integrity import fsync_dir, sha256_file
 from ctcd_ds.prepared import (
     FORMAT,
     MANIFEST,
@@ -34,19 +33,10 @@ from ctcd_ds.prepared import (
 )
 from ctcd_ds.tokenizer import save_tokenizer
 
-HASH_CHUNK = 8 << 20
-
 
 def _file_records(files: list[str]) -> list[dict[str, Any]]:
     """Path, size and SHA-256 of each source file (read in chunks: corpora may be larger than memory)."""
-    records = []
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
-                digest.update(chunk)
-        records.append({"path": os.path.abspath(f), "bytes": os.path.getsize(f), "sha256": digest.hexdigest()})
-    return records
+    return [{"path": os.path.abspath(f), "bytes": os.path.getsize(f), "sha256": sha256_file(Path(f))} for f in files]
 
 
 def _settings(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
