@@ -61,7 +61,9 @@ def _same_losses(a: Path, b: Path, steps: int) -> None:
     for member in ("teacher", "student"):
         la, lb = train_losses(a, member), train_losses(b, member)
         assert sorted(la) == sorted(lb) == list(range(1, steps + 1)), (member, sorted(la), sorted(lb))
-        assert [la[s] for s in la] == pytest.approx([lb[s] for s in la], rel=1e-6), member
+        # Bit-for-bit here, run after run; on a CI machine one step of a 2-rank resume once came out 1.9e-6 off
+        # (relative), every other step equal: 1e-5 still catches a wrong batch, mask, RNG or optimizer state (>1e-3).
+        assert [la[s] for s in la] == pytest.approx([lb[s] for s in la], rel=1e-5), member
 
 
 def test_stop_request_handles_signals_and_a_second_ctrl_c_aborts():
