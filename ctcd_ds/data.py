@@ -4,6 +4,7 @@ MLM masking collator, and the one shared, resumable, distributed data loader who
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,7 +23,13 @@ from ctcd_ds.assets import corpus_files
 from ctcd_ds.config import DataConfig, PretrainConfig
 from ctcd_ds.errors import UserError
 from ctcd_ds.presets import weight_dirs
-from ctcd_ds.tokenizer import load_tokenizer, pretrained_tokenizer_source, trained_tokenizer_dir
+from ctcd_ds.tokenizer import (
+    cache_tokenizer_files,
+    load_tokenizer,
+    pretrained_tokenizer_source,
+    tokenizer_files,
+    trained_tokenizer_dir,
+)
 
 MAX_AUTO_PROC = 16
 """``data.num_proc=0`` (auto) uses at most this many tokenizing processes."""
@@ -152,7 +159,7 @@ def _split(train: datasets.Dataset, cfg: DataConfig, seed: int) -> tuple[dataset
 
 def run_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of a pre-training run: ``tokenizer.path``, else a pretrained member's, else the one saved
-    with ``data.prepared``, else one trained on the corpus (cached; rank 0 trains it, the others wait)."""
+    with ``data.prepared``, else one trained on the corpus (see :func:`_shared_trained_tokenizer`)."""
     source = pretrained_tokenizer_source(cfg.tokenizer.path, list(weight_dirs(cfg.members).values()))
     if source is None and cfg.data.prepared:
         source = str(Path(cfg.data.prepared) / prepared.TOKENIZER)
@@ -163,11 +170,35 @@ def run_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerBase:
                 f"tokenizer.path: empty; give a tokenizer for data.dataset={cfg.data.dataset} (training one "
                 "needs local files)"
             )
-        with dist.rank0_first():
-            source = str(trained_tokenizer_dir(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
+        source = str(_shared_trained_tokenizer(train_files, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences))
     tok = load_tokenizer(source)
     dist.print0(f"tokenizer: {source} ({len(tok)} tokens)")
     return tok
+
+
+def _shared_trained_tokenizer(files: list[str], vocab_size: int, max_sentences: int) -> Path:
+    """The tokenizer trained on the corpus, byte for byte the same on every node: global rank 0 trains it (or
+    finds it in its cache) and sends its files to every rank; the first rank of each other node caches them in
+    its node's cache (``CTCD_DS_CACHE``: nodes need not share a disk), then that node's other ranks load it."""
+    answer: tuple | None = None
+    error: BaseException | None = None
+    if dist.is_rank0():
+        try:
+            cached = trained_tokenizer_dir(files, vocab_size, max_sentences)
+            answer = ("files", cached.name, tokenizer_files(cached))
+        except UserError as exc:
+            answer, error = ("problems", exc.problems), exc
+        except Exception as exc:  # rank 0 raises it, the others a line about it (they would wait forever)
+            answer, error = ("failed", repr(exc)), exc
+    kind, *value = dist.broadcast_object(answer)
+    if error is not None:
+        raise error
+    if kind == "problems":
+        raise UserError(value[0])
+    if kind == "failed":
+        raise RuntimeError(f"training the tokenizer failed on rank 0: {value[0]}")
+    with dist.rank0_first():  # each other node's first rank writes its copy; its other ranks find it there
+        return cached if dist.is_rank0() else cache_tokenizer_files(*value)
 
 
 def load_blocks(
@@ -179,14 +210,47 @@ def load_blocks(
     if cfg.prepared:
         train, held_out = load_prepared(cfg, tokenizer)
     else:
-        with dist.rank0_first():
+        with dist.rank0_first():  # each node's first rank fills its node's `datasets` cache
             train, held_out = _tokenized(cfg, tokenizer)
         train, held_out = _split(train, cfg, seed) if held_out is None else (_nonempty(train, cfg), held_out)
+    _same_on_every_node(train, held_out, cfg)
     if cfg.max_train_blocks:
         train = train.select(range(min(cfg.max_train_blocks, len(train))))
     train.set_format("torch", columns=["input_ids"])
     held_out.set_format("torch", columns=["input_ids"])
     return train, held_out
+
+
+def _signature(train: datasets.Dataset, held_out: datasets.Dataset) -> tuple[int, int, str]:
+    """(training blocks, held-out blocks, a hash of 16 training blocks spread over the set and the first and
+    last held-out block): what two nodes that made or read the same blocks agree on."""
+    digest = hashlib.sha256()
+    picks = sorted({i * (len(train) - 1) // 15 for i in range(16)}) if len(train) else []
+    for ds, rows in ((train, picks), (held_out, sorted({0, len(held_out) - 1}) if len(held_out) else [])):
+        for i in rows:
+            digest.update(np.asarray(ds[i]["input_ids"], dtype=np.int64).tobytes())
+    return len(train), len(held_out), digest.hexdigest()[:16]
+
+
+def _same_on_every_node(train: datasets.Dataset, held_out: datasets.Dataset, cfg: DataConfig) -> None:
+    """Collective: every node made (or read) the same blocks as rank 0. Each node reads its own copy of the
+    corpus, tokenizer and cache; a copy that differs would silently train the ranks on different data."""
+    if dist.world_size() == 1:
+        return
+    mine = _signature(train, held_out)
+    signatures = dist.all_gather_object(mine)
+    differ = [(r, s) for r, s in enumerate(signatures) if s != signatures[0]]
+    if differ:
+        if cfg.prepared or cfg.dataset:
+            source = f"data.prepared={cfg.prepared}" if cfg.prepared else f"data.dataset={cfg.dataset}"
+        else:
+            source = f"data.train_files={','.join(corpus_files(cfg)[0])}"
+        (n0, e0, _), (r, (n, e, _)) = signatures[0], differ[0]
+        raise UserError(
+            f"{source}: rank {r} made other blocks than rank 0 ({n} training and {e} held-out blocks, against "
+            f"{n0} and {e0}, or other tokens); every node must have byte-identical corpus files (or prepared "
+            "data) and tokenizer at the same paths"
+        )
 
 
 def load_prepared(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -15,6 +15,9 @@ import torch.distributed as torch_dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
+_nodes = 1
+"""How many nodes the run has (ranks with local rank 0), counted by :func:`init_distributed`."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -35,13 +38,43 @@ def init_distributed(timeout_s: float = 600) -> None:
     # (30 minutes for gloo, 10 for NCCL) rather than the world group's timeout: make ours the default.
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=timeout)
+    _share_cpu_cores()
     # DeepSpeed logs every engine's full config at INFO on every rank; keep its warnings only
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    global _nodes
+    _nodes = int(all_reduce_sum(torch.tensor([float(is_local_rank0())]))[0]) if world_size() > 1 else 1
+    if world_size() > 1:
+        print0(
+            f"distributed: {world_size()} ranks on {_nodes} node{'s' * (_nodes > 1)} "
+            f"(rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
+        )
+
+
+def _share_cpu_cores() -> None:
+    """CPU ranks on one node split its cores: without OMP_NUM_THREADS, torch would give every rank a thread per
+    core, and N ranks would run N threads per core (slower than one rank alone on the CPUs here)."""
+    if device().type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    ranks_here = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
+
+
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""The shared-memory file DeepSpeed's CPU all-reduce makes per rank when every rank is on one node
+(ops/csrc/cpu/comm/shm.cpp) and never removes: 66 MB of RAM per rank and run, until the machine reboots."""
 
 
 def cleanup() -> None:
+    me = rank()
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    if device().type == "cpu":  # the other ranks mapped this rank's buffer when they joined: the name can go
+        env = os.environ
+        name = SHM_BUFFER.format(
+            uid=os.getuid(), addr=env.get("MASTER_ADDR", ""), port=env.get("MASTER_PORT", ""), rank=me
+        )
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def rank() -> int:
@@ -60,6 +93,15 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+def num_nodes() -> int:
+    return _nodes if torch_dist.is_initialized() else 1
+
+
+def is_local_rank0() -> bool:
+    """The first rank of its node: the one that fills the node's caches (nodes need not share a disk)."""
+    return local_rank() == 0
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()
@@ -72,11 +114,12 @@ def print0(*args, **kwargs) -> None:
 
 @contextlib.contextmanager
 def rank0_first():
-    """Rank 0 runs the block first (e.g. fills a cache), then the other ranks run it."""
-    if not is_rank0():
+    """Each node's local rank 0 runs the block first (e.g. fills that node's cache: nodes need not share a disk),
+    then the other ranks run it (reading the cache). The first ranks of several nodes run it at the same time."""
+    if not is_local_rank0():
         barrier()
     yield
-    if is_rank0():
+    if is_local_rank0():
         barrier()
 
 
@@ -94,12 +137,31 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def memory_now_bytes() -> int:
+    """This rank's memory now, measured as :func:`peak_memory_bytes` measures its peak (GPU: allocated by torch;
+    CPU: the resident set, from /proc/self/statm)."""
+    dev = device()
+    if dev.type == "cuda":
+        return torch.cuda.memory_allocated(dev)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of a float tensor over ranks, returned on the CPU (NCCL needs the tensor on the GPU)."""
     out = values.detach().to(device(), dtype=torch.float64 if device().type == "cpu" else torch.float32, copy=True)
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
     return out.cpu()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of ``obj``, in rank order, on every rank."""
+    if not (torch_dist.is_initialized() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj):

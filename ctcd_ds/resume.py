@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +90,10 @@ def resume_point(output_dir: Path | str, resume: str = "auto") -> Path | None:
     damaged files when none is left. No checkpoint at all: None. ``never``: None. A path: that checkpoint,
     verified (UserError when damaged). Checkpoints written before manifests are taken with a one-line note.
 
-    Collective when distributed (every rank calls it): rank 0 reads and hashes, every rank gets its answer.
-    Writes nothing."""
+    Collective when distributed (every rank calls it): rank 0 reads and hashes, every rank gets its answer. On
+    several nodes it first checks that every node reaches ``output_dir`` (:func:`check_shared`), and then the
+    checkpoint found. Leaves nothing behind in ``output_dir``."""
+    check_shared(output_dir)
     if resume == "never":
         return None
     answer: tuple[str, Any] | None = None
@@ -108,7 +113,83 @@ def resume_point(output_dir: Path | str, resume: str = "auto") -> Path | None:
         raise UserError(value)
     if kind == "failed":
         raise RuntimeError(f"finding the checkpoint to resume from failed on rank 0: {value}")
-    return Path(value) if value is not None else None
+    if value is None:
+        return None
+    missing = _not_on_every_node(lambda: is_checkpoint(value))
+    if missing:
+        raise UserError(
+            f"checkpoint.resume={resume}: rank {missing[0]} (on another node than rank 0) finds no checkpoint at "
+            f"{value}; every node must reach it at the same path"
+        )
+    return Path(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# several nodes: one output directory that every node reaches
+
+SHARED_CHECK_PREFIX = ".shared-check-"
+SHARED_WAIT_S = 5.0
+"""How long the other nodes look for rank 0's file (a network file system may show it late)."""
+
+
+def _not_on_every_node(seen: Callable[[], bool]) -> list[int]:
+    """Collective: the ranks, each the first of a node other than rank 0's, where ``seen()`` is False."""
+    ok = seen() if dist.is_local_rank0() and not dist.is_rank0() else True
+    return [r for r, good in enumerate(dist.all_gather_object(ok)) if not good]
+
+
+def _wait_for(marker: Path, token: str) -> bool:
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            if marker.name in os.listdir(marker.parent) and marker.read_text() == token:  # listdir: no stale entry
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_shared(output_dir: Path | str) -> None:
+    """Collective, on several nodes (else nothing): every node reaches ``output_dir`` at the same path.
+
+    All ranks write each checkpoint into one folder there, rank 0 completes it, and a resumed run loads from it,
+    so the nodes must share it (a cluster file system); nodes that each had their own would write checkpoints
+    that cannot be resumed. Rank 0 writes a file with a random token there; the first rank of every other node
+    looks for it (for up to :data:`SHARED_WAIT_S`); rank 0 removes it again, and the directories it made for it.
+    UserError if a node does not see it."""
+    if dist.num_nodes() == 1:
+        return
+    out = Path(os.path.abspath(output_dir))
+    marker = out / f"{SHARED_CHECK_PREFIX}{secrets.token_hex(8)}"
+    made = [d for d in (out, *out.parents) if not d.exists()]
+    failure = None
+    if dist.is_rank0():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            marker.write_text(marker.name)
+        except OSError as exc:
+            failure = f"output_dir={output_dir}: rank 0 cannot write {marker}: {exc}"
+    marker, failure = dist.broadcast_object((marker, failure))
+    try:
+        if failure:
+            raise UserError(failure)
+        missing = _not_on_every_node(lambda: _wait_for(out / marker.name, marker.name))  # this node's output_dir
+    finally:
+        if dist.is_rank0():
+            marker.unlink(missing_ok=True)
+            for d in made:  # deepest first; only if still empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+    if missing:
+        raise UserError(
+            f"output_dir={output_dir}: not shared between nodes: rank {missing[0]} (on another node than rank 0) "
+            f"does not see the file rank 0 wrote into it ({marker}); every node must reach output_dir at the same "
+            "path on a shared file system (all ranks write each checkpoint into it)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,8 +177,42 @@ def trained_tokenizer_dir(files: list[str], vocab_size: int, max_sentences: int)
     if not has_tokenizer(cached):
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         train_tokenizer(files, tmp, vocab_size, max_sentences)
+        _install(tmp, cached)
+    return cached
+
+
+def _install(tmp: Path, cached: Path) -> None:
+    """Move the complete directory ``tmp`` to ``cached``; if another process put one there first, keep that."""
+    if cached.is_dir() and not has_tokenizer(cached):  # left by an interrupted copy
         shutil.rmtree(cached, ignore_errors=True)
+    try:
         os.replace(tmp, cached)
+    except OSError:
+        if not has_tokenizer(cached):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenizer_files(directory: Path) -> dict[str, bytes]:
+    """The files of a saved tokenizer directory, by name (a few MB at most)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def cache_tokenizer_files(name: str, files: dict[str, bytes]) -> Path:
+    """``files`` (the :func:`tokenizer_files` of another node's ``tokenizers/NAME``) in this node's cache: as
+    ``tokenizers/NAME``, or, where a different tokenizer already has that name (SentencePiece run on other
+    hardware can learn other scores), as ``tokenizers/NAME-<hash of the files>``. Returns the directory."""
+    cached = cache_root() / "tokenizers" / name
+    if has_tokenizer(cached) and tokenizer_files(cached) != files:
+        content = hashlib.sha256(b"".join(k.encode() + b"\0" + v for k, v in sorted(files.items())))
+        cached = cached.with_name(f"{name}-{content.hexdigest()[:8]}")
+    if not has_tokenizer(cached):
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file, data in files.items():
+            (tmp / file).write_bytes(data)
+        _install(tmp, cached)
     return cached
 
 

@@ -6,8 +6,8 @@
 #   deepspeed [launcher flags] launchers/pretrain.sh [--section.key=value ...]
 #       (what users type on clusters) runs the Python part below directly on every rank.
 #
-# Launcher settings (NUM_GPUS, NUM_NODES, HOSTFILE, MASTER_ADDR, MASTER_PORT, CTCD_CONFIG, DRY_RUN):
-# see launchers/common.sh. Everything else passes through to `ctcd-ds pretrain` (see its --help).
+# Launcher settings (NUM_GPUS, NUM_NODES, HOSTFILE, NODE_RANK, LAUNCHER, MASTER_ADDR, MASTER_PORT, CTCD_CONFIG,
+# DRY_RUN): see launchers/common.sh. Everything else passes through to `ctcd-ds pretrain` (see its --help).
 LAUNCH_FILE="$0"
 . "$(dirname "$0")/common.sh"
 ":"""

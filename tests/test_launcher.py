@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import socket
+from pathlib import Path
 
 from conftest import MINI, PYTHON, free_port, read_metrics, run_cli
 
@@ -12,6 +13,8 @@ LAUNCH_SETTINGS = (
     "NUM_GPUS",
     "NUM_NODES",
     "HOSTFILE",
+    "NODE_RANK",
+    "LAUNCHER",
     "MASTER_ADDR",
     "MASTER_PORT",
     "CONFIG",
@@ -74,6 +77,46 @@ def test_dry_run_multi_node_hostfile(tmp_path):
     assert cmd[:7] == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "1", "--num_gpus", "4"]
 
 
+def test_dry_run_per_node_start(tmp_path):
+    """NODE_RANK: every node started on its own (srun, Kubernetes) -> deepspeed --no_ssh --node_rank. DeepSpeed's
+    runner counts nodes and ranks only from a hostfile, so the launcher writes one (NUM_GPUS slots per node)."""
+    cmd = dry_run("--train.steps=1", NODE_RANK="1", NUM_NODES="2", MASTER_ADDR="10.1.2.3", TMPDIR=str(tmp_path))
+    hostfile = cmd[2]
+    assert cmd == [
+        "deepspeed",
+        "--hostfile",
+        hostfile,
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "1",
+        "--no_ssh",
+        "--node_rank",
+        "1",
+        "--master_port",
+        "29500",  # unset: the same default on every node
+        "--master_addr",
+        "10.1.2.3",
+        LAUNCHER,
+        "--train.steps=1",
+    ]
+    assert Path(hostfile).parent == tmp_path and Path(hostfile).read_text() == "node0 slots=1\nnode1 slots=1\n"
+    cmd = dry_run(NODE_RANK="0", NUM_NODES="3", NUM_GPUS="4", MASTER_ADDR="node-a", TMPDIR=str(tmp_path))
+    assert Path(cmd[2]).read_text() == "node0 slots=4\nnode1 slots=4\nnode2 slots=4\n"
+    # a hostfile of the user's: used as it is; NUM_NODES from it
+    mine = tmp_path / "hostfile"
+    mine.write_text("node-a slots=2\nnode-b slots=2\n")
+    cmd = dry_run(NODE_RANK="1", HOSTFILE=str(mine), MASTER_ADDR="node-a", MASTER_PORT="29601")
+    assert cmd[:9] == ["deepspeed", "--hostfile", str(mine), "--num_nodes", "2", "--no_ssh", "--node_rank", "1",
+                       "--master_port"]  # fmt: skip
+    # one node: an ordinary single-node start (a free port)
+    cmd = dry_run(NODE_RANK="0", NUM_NODES="1")
+    assert "--no_ssh" not in cmd and cmd[cmd.index("--master_port") + 1] != "29500"
+    # the other multi-node backends of DeepSpeed, from a hostfile
+    cmd = dry_run(HOSTFILE=str(mine), LAUNCHER="openmpi")
+    assert cmd[cmd.index("--launcher") + 1] == "openmpi"
+
+
 def launch_error(*args: str, **env: str) -> str:
     """A dry run that must stop with exit status 2 and one `error:` line (returned), printing no command."""
     result = run_cli(["bash", LAUNCHER, *args], env={"DRY_RUN": "1", **{k: "" for k in LAUNCH_SETTINGS}, **env})
@@ -85,6 +128,24 @@ def launch_error(*args: str, **env: str) -> str:
 def test_launcher_rejects_bad_launch_settings(tmp_path):
     assert "HOSTFILE" in launch_error(HOSTFILE=str(tmp_path / "missing"))
     assert "needs HOSTFILE" in launch_error(NUM_NODES="4")
+    assert "or NODE_RANK" in launch_error(NUM_NODES="4")
+
+
+def test_launcher_rejects_bad_per_node_settings(tmp_path):
+    assert launch_error(NODE_RANK="1") == (
+        "error: NODE_RANK=1 needs NUM_NODES (how many nodes the run has, the same on every node) or a HOSTFILE"
+    )
+    assert launch_error(NODE_RANK="2", NUM_NODES="2", MASTER_ADDR="a") == (
+        "error: NODE_RANK=2: must be below NUM_NODES=2 (nodes count from 0)"
+    )
+    assert launch_error(NODE_RANK="x1", NUM_NODES="2") == (
+        "error: NODE_RANK=x1: must be a node number (0 for the node of rank 0)"
+    )
+    assert launch_error(NODE_RANK="1", NUM_NODES="2", TMPDIR=str(tmp_path)) == (
+        "error: NODE_RANK=1: a per-node start needs MASTER_ADDR (the address of node 0, the same on every node)"
+    )
+    assert "not one of DeepSpeed's multi-node launchers" in launch_error(LAUNCHER="ssh")
+    assert "starts the nodes from a HOSTFILE" in launch_error(LAUNCHER="openmpi")
 
 
 def test_launcher_rejects_counts_that_are_not_positive_integers(tmp_path):
@@ -121,6 +182,21 @@ def test_launcher_rejects_a_busy_master_port(tmp_path):
     # multi-node without MASTER_PORT: DeepSpeed's default, the same on every node
     cmd = dry_run(HOSTFILE=str(hostfile))
     assert cmd[cmd.index("--master_port") + 1] == "29500"
+
+
+def test_per_node_starts_probe_the_port_on_node_0_only(tmp_path):
+    """Every node must use the same MASTER_PORT; node 0 (rank 0) binds it, so only node 0 can tell it is taken."""
+    per_node = {"NUM_NODES": "2", "MASTER_ADDR": "127.0.0.1", "TMPDIR": str(tmp_path)}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert launch_error(NODE_RANK="0", MASTER_PORT=port, **per_node) == (
+            f"error: MASTER_PORT={port}: in use on this machine, node 0; set MASTER_PORT to a free port, the same "
+            "on every node"
+        )
+        cmd = dry_run(NODE_RANK="1", MASTER_PORT=port, **per_node)  # node 0 may be this machine, already bound
+        assert cmd[cmd.index("--master_port") + 1] == port
 
 
 def test_file_is_also_python():
