@@ -370,6 +370,8 @@ def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -
         problems.append(f"train.eval_every={tr.eval_every}: must be >= 0")
     if tr.grad_clip < 0:
         problems.append(f"train.grad_clip={tr.grad_clip}: must be >= 0")
+    if tr.peak_tflops < 0:
+        problems.append(f"train.peak_tflops={tr.peak_tflops}: must be >= 0 (0 = look the device up)")
     if tr.precision in ("bf16", "fp16") and not torch.cuda.is_available():
         problems.append(
             f"train.precision={tr.precision}: needs a GPU; DeepSpeed runs on the CPU here (use fp32 or auto)"
@@ -404,7 +406,7 @@ def _checkpoint_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[st
         )
 
 
-def _output_problems(output_dir: str, problems: list[str], flag: str = "output_dir") -> None:
+def output_problems(output_dir: str, problems: list[str], flag: str = "output_dir") -> None:
     if not output_dir:
         problems.append(f"{flag}: must not be empty")
         return
@@ -428,7 +430,7 @@ def _output_problems(output_dir: str, problems: list[str], flag: str = "output_d
 def pretrain_problems(cfg: PretrainConfig) -> list[str]:
     """Every problem of a pre-training config."""
     problems: list[str] = []
-    _output_problems(cfg.output_dir, problems)
+    output_problems(cfg.output_dir, problems)
     hf_configs = _member_problems(cfg, problems)
     _edge_problems(cfg, problems)
     _structure_problems(cfg, hf_configs, problems)
@@ -442,7 +444,7 @@ def prepare_problems(cfg: PretrainConfig, out: str) -> list[str]:
     """Every problem of ``ctcd-ds prepare-data --out OUT`` with a pre-training config: its members (a pretrained
     member's tokenizer is the run's), data and tokenizer settings, and the output directory."""
     problems: list[str] = []
-    _output_problems(out, problems, flag="--out")
+    output_problems(out, problems, flag="--out")
     if not problems:  # writable: it must also be new, empty, or prepared data
         problems.extend(prepared.out_problems(out))
     if cfg.data.prepared:
@@ -456,7 +458,7 @@ def prepare_problems(cfg: PretrainConfig, out: str) -> list[str]:
 def finetune_problems(cfg: FinetuneConfig) -> list[str]:
     """Every problem of a fine-tuning config, its local data files included."""
     problems: list[str] = []
-    _output_problems(cfg.output_dir, problems)
+    output_problems(cfg.output_dir, problems)
     if not cfg.members:
         problems.append("members: give at least one model to fine-tune")
     vocab: dict[str, int] = {}
@@ -527,7 +529,7 @@ def finetune_problems(cfg: FinetuneConfig) -> list[str]:
 def experiment_problems(exp: ExperimentConfig) -> list[str]:
     """Every problem of an experiment config (each run it makes is checked again when it starts)."""
     problems: list[str] = []
-    _output_problems(exp.output_dir, problems)
+    output_problems(exp.output_dir, problems)
     if any(v in exp.variants for v in ("kd", "community_kd")) and "standalone" not in exp.variants:
         problems.append("variants: kd and community_kd take their teacher from the standalone run; include standalone")
     for key in ("alpha", "alpha_final", "beta", "peer_weight"):

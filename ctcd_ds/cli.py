@@ -1,4 +1,4 @@
-"""``ctcd-ds`` command line: pretrain | finetune | experiment | evaluate | export | prepare-data | presets |
+"""``ctcd-ds`` command line: pretrain | finetune | experiment | scale | evaluate | export | prepare-data | presets |
 show-config.
 
 Thin: parse, load the config, check it, call the library entry point. User mistakes
@@ -24,6 +24,7 @@ from ctcd_ds.config import (
     ExperimentConfig,
     FinetuneConfig,
     PretrainConfig,
+    ScaleConfig,
     dump_yaml,
     load_config,
     options_help,
@@ -33,9 +34,12 @@ from ctcd_ds.config.loading import parse_overrides
 from ctcd_ds.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UserError
 from ctcd_ds.experiment.runner import Experiment
 from ctcd_ds.export import export_checkpoint
+from ctcd_ds.layout import SUMMARY_FILE
 from ctcd_ds.prepare import prepare_data
 from ctcd_ds.prepared import use_prepared_tokenizer
 from ctcd_ds.presets import PRESETS
+from ctcd_ds.scaling.report import table
+from ctcd_ds.scaling.sweep import run_scale, scale_problems
 from ctcd_ds.task_data import beats_baseline
 from ctcd_ds.tasks import evaluate_model
 from ctcd_ds.trainer import run_finetune, run_pretrain
@@ -99,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
         help="reproduce the CTCD findings: pre-train 4 variants, fine-tune every model over seeds, table + plot",
         description="Standalone, one-way KD, CTCD and Community KD on the same data, steps, batch and seeds.",
     )
+    sc = sub.add_parser(
+        "scale",
+        formatter_class=fmt,
+        epilog=_options_epilog(ScaleConfig),
+        help="a scaling experiment: a short run per grid point through the launcher; scaling.csv + scaling.png",
+        description="Sweep ranks, nodes, ZeRO templates, micro-batch, accumulation, precision, sequence length and "
+        "models; each point is a real short run of launchers/pretrain.sh, timed after its warm-up steps "
+        "(docs/scaling.md#scaling-experiments). Run it on one process: it starts the ranks itself.",
+    )
+    sc.add_argument("--config", default=None, help="a YAML/JSON file of sweep settings (optional)")
     ev = sub.add_parser(
         "evaluate",
         help="print the dev/test metrics of a fine-tuned model; write them to JSON with per-example predictions",
@@ -156,6 +170,10 @@ def _pretrain(cfg: PretrainConfig) -> None:
             f"  throughput:  {summary['tokens_per_s']:.0f} tokens/s (all ranks, steps after the first); "
             f"peak {memory} {summary['peak_memory_gb']:.2f} GB on rank 0"
         )
+    if summary.get("model_tflops") is not None:
+        mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else " (MFU: no peak known here)"
+        dist.print0(f"  efficiency:  {summary['model_tflops']:.3f} model TFLOP/s (all members, all ranks){mfu}")
+    dist.print0(f"  summary:     {Path(cfg.output_dir) / SUMMARY_FILE}")
 
 
 def _finetune(cfg: FinetuneConfig) -> None:
@@ -280,6 +298,21 @@ def _prepare_data(config: str | None, overrides: list[str], out: str, overwrite:
     print(f"  use it:    ctcd-ds pretrain --data.prepared={result['dir']} --data.seq_len={m['seq_len']} ...")
 
 
+def _scale(config: str | None, overrides: list[str]) -> None:
+    problems: list[str] = []
+    cfg = load_config(config, overrides, ScaleConfig, problems)
+    found = [*problems, *scale_problems(cfg)]
+    if found:
+        raise UserError(found)
+    rows = run_scale(cfg)
+    if cfg.dry_run:
+        return
+    print(f"\n{table(rows)}\n\nwritten: {cfg.output_dir}/scaling.csv, scaling.png")
+    failed = sum(r["status"] != "ok" for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} points failed (their errors are in the table and points/*/log.txt)")
+
+
 def _presets() -> None:
     for name, p in PRESETS.items():
         print(f"{name:14s} {p.layers:2d}L-{p.hidden:<4d} {p.heads:2d} heads, ffn {p.ffn:<5d} {p.note}")
@@ -296,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args.command, args.config, rest)
         elif args.command == "show-config":
             print(dump_yaml(use_prepared_tokenizer(load_config(args.config, rest))), end="")
+        elif args.command == "scale":
+            _scale(args.config, rest)
         elif args.command == "prepare-data":
             _prepare_data(args.config, rest, args.out, args.overwrite)
         elif args.command == "evaluate":

@@ -33,6 +33,13 @@ def write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def replace_synced(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a synced temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write_synced(tmp, text)
+    os.replace(tmp, path)
+
+
 def sha256_file(path: Path, fsync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

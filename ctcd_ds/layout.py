@@ -1,7 +1,7 @@
 """Where a run's files go, and how to recognise a finished checkpoint (no I/O beyond reading paths).
 
 <output_dir>/
-    config.yaml  metrics.jsonl  tensorboard/  tokenizer/  export/NAME/  results.json (fine-tuning)
+    config.yaml  metrics.jsonl  summary.json  tensorboard/  tokenizer/  export/NAME/  results.json (fine-tuning)
     checkpoints/step_00000100/  NAME/ (DeepSpeed, tag = member)  rng_rankR.pt  trainer_state.json  config.yaml
                                 manifest.json (size and sha256 of every other file; none before manifests)
     checkpoints/latest          the name of the newest complete checkpoint, written last
@@ -15,6 +15,8 @@ from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+"""What the run measured at its end (throughput, memory per rank, members' sizes and FLOPs), written by rank 0."""
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 MANIFEST_FILE = "manifest.json"

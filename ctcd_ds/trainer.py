@@ -24,14 +24,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ctcd_ds import dist, ds_config
+from ctcd_ds import dist, ds_config, perf
 from ctcd_ds.checkpoint import Checkpointer
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine, resolve_precision
 from ctcd_ds.errors import Preempted, UserError
 from ctcd_ds.export import export_member
 from ctcd_ds.graph import Graph
-from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, latest
+from ctcd_ds.integrity import replace_synced
+from ctcd_ds.layout import CONFIG_FILE, STATE_FILE, SUMMARY_FILE, latest
 from ctcd_ds.models import count_parameters
 from ctcd_ds.monitor import Monitor
 from ctcd_ds.preemption import StopRequest
@@ -67,6 +68,8 @@ class Trainer:
         self.cfg = cfg
         self.task = task
         self.out = Path(cfg.output_dir)
+        self.memory_before_engines = dist.memory_now_bytes()
+        """This rank's memory once the data is loaded, before any model: what the engines add is measured from it."""
         self.precision = resolve_precision(cfg.train.precision)
         self.graph = Graph.from_config(cfg)
         self.resume_from = self._resume_path()
@@ -79,6 +82,11 @@ class Trainer:
             self.members, self.graph, task, cfg.train, zero_stage=self.zero_stage, precision=self.precision
         )
         self.tokens_per_step = task.tokens_per_micro_batch * cfg.train.grad_accum_steps * dist.world_size()
+        self.member_flops = self._member_flops()
+        """Model FLOPs per token of each member (sandwich views included), or None: not counted (see below)."""
+        self.flops_per_token = sum(self.member_flops.values()) if self.member_flops else None
+        self.peak_tflops = perf.peak_tflops(cfg.train.peak_tflops, self.precision)
+        """One device's peak TFLOP/s (the setting, else the GPU's), or None: no MFU."""
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.every, cfg.checkpoint.keep_last)
         self.step = 0
         # everything is built: from here on the run writes into its output directory, alone
@@ -136,6 +144,33 @@ class Trainer:
             dist.print0(f"{name}: {model}, {count_parameters(module) / 1e6:.2f}M parameters, {role}")
         return members
 
+    def _member_flops(self) -> dict[str, float] | None:
+        """Model FLOPs per token of the shared batch for each member, its sandwich views included
+        (``ctcd_ds.perf``). None when fine-tuning (a batch is padded to its longest example, fewer tokens than it
+        counts) or when a member is not BERT-shaped."""
+        if not isinstance(self.task, MaskedLM):
+            return None
+        data, out = self.cfg.data, {}
+        for name, m in self.members.items():
+            passes = 1 + len(self.graph.views.get(name, ()))  # each view: one more forward and backward
+            config = m.engine.module.hf.config
+            try:
+                flops = perf.flops_per_token(config, data.seq_len, data.mlm_probability, trainable=m.trainable)
+            except ValueError as exc:
+                dist.print0(f"warning: members.{name}: {exc}; no perf/model_tflops or perf/mfu")
+                return None
+            out[name] = passes * flops
+        return out
+
+    def _efficiency(self, tokens_per_s: float) -> dict[str, float]:
+        """``perf/model_tflops`` (every member, every rank) and, when a peak is known, ``perf/mfu``."""
+        if self.flops_per_token is None:
+            return {}
+        out = {"perf/model_tflops": perf.model_tflops(tokens_per_s, self.flops_per_token)}
+        if self.peak_tflops:
+            out["perf/mfu"] = perf.mfu(tokens_per_s, self.flops_per_token, self.peak_tflops, dist.world_size())
+        return out
+
     @property
     def trainable(self) -> dict[str, Member]:
         return {n: m for n, m in self.members.items() if m.trainable}
@@ -189,34 +224,36 @@ class Trainer:
         )
         last_ckpt = latest(self.out)
         final_eval = None
-        window_start, window_steps = time.perf_counter(), 0
+        window_time, window_steps = 0.0, 0  # training steps since the last log (evaluation, checkpoints left out)
         train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
         self.stop.install()
         try:
             while self.step < loop.steps:
                 t0 = time.perf_counter()
                 scalars = self.step_fn(batches, self.step)
+                step_time = time.perf_counter() - t0
                 self.step += 1
                 window_steps += 1
+                window_time += step_time
                 timed_steps += 1
                 if timed_steps:
-                    train_time += time.perf_counter() - t0
+                    train_time += step_time
                 bar.update(1)
                 bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
                 last = self.step == loop.steps
                 if self.step % loop.log_every == 0 or last:
-                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * self.tokens_per_step / window_time
                     scalars |= {
-                        "perf/step_time_s": time.perf_counter() - t0,
-                        "perf/tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                        "perf/step_time_s": step_time,
+                        "perf/tokens_per_s": tokens_per_s,
                         "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
-                    }
+                    } | self._efficiency(tokens_per_s)
                     self.monitor.write(self.step, scalars)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_time, window_steps = 0.0, 0
                 if last or (loop.eval_every and self.step % loop.eval_every == 0):
                     final_eval = self.evaluate()
                     self.monitor.write(self.step, final_eval)
-                saved = self._save(last)
+                saved = self._save(last and self.cfg.checkpoint.at_end)
                 last_ckpt = saved or last_ckpt
                 if not last and self.stop.agreed():  # a signal on some rank: every rank saves this step and stops
                     last_ckpt = saved or self._save(last_step=True)
@@ -224,17 +261,49 @@ class Trainer:
         finally:
             self.stop.restore()
             bar.close()
+        tokens_per_s = timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None
+        efficiency = self._efficiency(tokens_per_s) if tokens_per_s else {}
         return {
             "tensorboard": str(self.monitor.tb_dir),
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             # training steps only (evaluation and checkpoints left out)
-            "tokens_per_s": timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None,
+            "tokens_per_s": tokens_per_s,
+            "model_tflops": efficiency.get("perf/model_tflops"),  # None: fine-tuning, or no step timed
+            "mfu": efficiency.get("perf/mfu"),  # a fraction; None: no peak known (the CPU, an unlisted GPU)
             "peak_memory_gb": dist.peak_memory_bytes() / 2**30,
+            "memory_per_rank": dist.all_gather_object(self._memory()),  # collective
+            "world_size": dist.world_size(),
+            "nodes": dist.num_nodes(),
+            "tokens_per_step": self.tokens_per_step,
+            "peak_tflops": self.peak_tflops,
+            "members": {
+                name: {
+                    "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in m.engine.module.parameters()),
+                    "trainable": m.trainable,
+                    "flops_per_token": self.member_flops[name] if self.member_flops else None,
+                }
+                for name, m in self.members.items()
+            },
             # the held-out metrics at the last step (None when the run resumed there: nothing was trained)
             "final_eval": final_eval if self.step == loop.steps else None,
             "trained": list(self.trainable),
             "frozen": {n: self.cfg.members[n].model for n in self.members if n not in self.trainable},
         }
+
+    def _memory(self) -> dict[str, Any]:
+        """This rank's memory: its peak, and what it held before the engines were built (GB; GPU: allocated by
+        torch, and the peak reserved by its caching allocator; CPU: the process's resident set)."""
+        out = {
+            "rank": dist.rank(),
+            "kind": "cuda" if dist.device().type == "cuda" else "rss",
+            "peak_gb": dist.peak_memory_bytes() / 2**30,
+            "before_engines_gb": self.memory_before_engines / 2**30,
+        }
+        if out["kind"] == "cuda":
+            out["reserved_gb"] = torch.cuda.max_memory_reserved(dist.device()) / 2**30
+        else:
+            out["cpu_threads"] = torch.get_num_threads()
+        return out
 
     def export(self) -> dict[str, str]:
         """Every trained member as a Hugging Face directory under ``<run>/export/<name>`` (collective); a frozen
@@ -261,6 +330,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         summary["exports"] = trainer.export() if cfg.export else {}
     finally:
         trainer.close()
+    if dist.is_rank0():
+        replace_synced(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
 
 

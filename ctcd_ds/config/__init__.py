@@ -11,7 +11,7 @@ from ctcd_ds.config.loading import (
     recipe_names,
     to_dict,
 )
-from ctcd_ds.config.runs import ExperimentConfig, FinetuneConfig, PretrainConfig
+from ctcd_ds.config.runs import ExperimentConfig, FinetuneConfig, PretrainConfig, ScaleConfig
 from ctcd_ds.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -41,6 +41,7 @@ __all__ = [
     "PretrainConfig",
     "PretrainMemberConfig",
     "PruneConfig",
+    "ScaleConfig",
     "TaskConfig",
     "TokenizerConfig",
     "dump_yaml",

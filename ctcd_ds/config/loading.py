@@ -158,8 +158,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return {k: v for k, v in items.items() if v is not None}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str) and (item_tp is str or typing.get_origin(item_tp) is Literal):
-            value = [value]
+        if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(item_tp):
+            value = [value]  # one value for a list of scalars: --seeds=3, --ranks=2
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {value!r}")
             return []

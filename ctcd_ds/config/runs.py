@@ -1,4 +1,4 @@
-"""Run schemas: what `pretrain`, `finetune` and `experiment` read, composed from the sections."""
+"""Run schemas: what `pretrain`, `finetune`, `experiment` and `scale` read, composed from the sections."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ctcd_ds.config.sections import (
     EdgeConfig,
     LoopConfig,
     MemberConfig,
+    Precision,
     PretrainLoopConfig,
     PretrainMemberConfig,
     Scale,
@@ -145,3 +146,51 @@ class ExperimentConfig:
     """Fine-tuning peak learning rate."""
     task: TaskConfig = field(default_factory=_experiment_task)
     """The fine-tuning task (default: the bundled SST-2, its first 16000 training and 2000 dev sentences)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScaleConfig:
+    """A scaling experiment: one short pre-training run per point of a grid (every combination of the lists below),
+    each started through `launchers/pretrain.sh` as a user would, then one table and one plot of them all."""
+
+    output_dir: str = "runs/scale"
+    """points/POINT/ holds each point's run, log and result; scaling.csv and scaling.png at the top. Finished
+    points are skipped when the sweep is run again."""
+    recipes: list[str] = field(default_factory=lambda: ["ctcd"])
+    """Recipes (names or YAML files) to sweep."""
+    members: list[dict[str, str]] = field(default_factory=list)
+    """Models to sweep, each a mapping of member name to preset or directory (e.g. `[{teacher: paper-teacher,
+    student: paper-student}]`); empty = each recipe's own."""
+    ranks: list[int] = field(default_factory=lambda: [1, 2])
+    """Ranks per node (the launcher's NUM_GPUS)."""
+    nodes: list[int] = field(default_factory=lambda: [1])
+    """Nodes (more than 1 needs `hostfile`)."""
+    hostfile: str = ""
+    """A DeepSpeed hostfile for multi-node points (the launcher's HOSTFILE)."""
+    templates: list[str] = field(default_factory=lambda: ["zero2"])
+    """ZeRO templates (zero0 .. zero3, zero2_offload, zero3_offload, or JSON paths)."""
+    micro_batch: list[int] = field(default_factory=lambda: [8])
+    """Micro-batch sizes (blocks per rank)."""
+    grad_accum: list[int] = field(default_factory=lambda: [1])
+    """Gradient accumulation steps."""
+    precision: list[Precision] = field(default_factory=lambda: ["auto"])
+    """Precisions (auto: bf16 on GPUs that have it, else fp32)."""
+    seq_len: list[int] = field(default_factory=list)
+    """Sequence lengths (empty = each recipe's data.seq_len)."""
+    steps: int = 8
+    """Training steps of each point."""
+    warmup_steps: int = 3
+    """Steps left out of the timing at the start of each point (allocation, caches, the first collectives)."""
+    cpu_threads_per_rank: int = 0
+    """CPU runs: torch threads of each rank (OMP_NUM_THREADS). 0 = the machine's cores / ranks per node. For weak
+    scaling on one CPU machine set it to cores / the most ranks swept, so every point gives a rank the same cores."""
+    timeout_s: int = 1800
+    """A point still running after this many seconds is stopped and recorded as failed."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, for MFU (0 = look the GPU up; a CPU has no default)."""
+    retry_failed: bool = False
+    """Run the points that failed in an earlier sweep again (finished ones are always kept)."""
+    overrides: list[str] = field(default_factory=list)
+    """Settings passed to every point, e.g. `[--data.max_train_blocks=512]`."""
+    dry_run: bool = False
+    """Print each point's launcher command and exit."""

@@ -191,6 +191,9 @@ class LoopConfig:
     reference (plain torch, for debugging)."""
     log_every: int = 10
     """Write training scalars every N steps."""
+    peak_tflops: float = 0.0
+    """One device's dense peak TFLOP/s at the run's precision, for perf/mfu (docs/scaling.md). 0 = look the GPU up
+    (A100, H100, H200, L40S, L4, ...); an unlisted GPU or the CPU: no perf/mfu."""
     eval_every: int = 50
     """Evaluate every N steps (and at the end; 0 = only at the end)."""
 
@@ -254,6 +257,9 @@ class CheckpointConfig:
 
     every: int = 100
     """Save every N steps (and at the end; 0 = only at the end)."""
+    at_end: bool = True
+    """Save at the last step. false: a throwaway run (e.g. the points of `ctcd-ds scale`) saves only every N steps
+    and when stopped by a signal."""
     keep_last: int = 2
     """Keep the newest K checkpoints, delete older ones (0 = keep all)."""
     resume: str = "auto"
