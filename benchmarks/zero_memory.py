@@ -1,11 +1,18 @@
 """Per-rank memory of a co-training pair under ZeRO stages 0-3, against what ZeRO promises.
 
 Runs `bash launchers/scale.sh` (one short run per stage, every member a ZeRO engine of that stage) and reads its
-scaling.csv. "Engine memory" is a rank's peak memory minus its memory just before the engines were built (after
-imports and data loading): the members' weights, gradients and Adam states, plus activations and DeepSpeed's
-buffers. The theory column is the textbook ZeRO count for fp32 training with Adam on N ranks, per parameter:
-weights 4 B, gradients 4 B, Adam moments 8 B; stage 1 partitions the moments, stage 2 also the gradients, stage 3
-also the weights: 16, 8 + 8/N, 4 + 12/N, 16/N bytes, as fractions of stage 0.
+scaling.csv. Two measures per rank (the larger rank's is shown): "tensors", the bytes of every tensor the rank holds
+after its last step (weights, optimizer states, gradient buffers, the data: the state ZeRO partitions, without
+allocator slack); and "engines", its peak resident memory minus its memory just before the engines were built (after
+imports and data loading): also transient peaks (DeepSpeed's set-up copies, activations, buffers) and what the
+allocator keeps.
+
+The theory column is what the "tensors" measure should keep of ZeRO-0's, per parameter, for fp32 training with Adam
+on N ranks once a step is done (DeepSpeed frees the gradients after the step): ZeRO-0 holds weights 4 B + Adam
+moments 8 B = 12 B; stages 1 and 2 hold the weights, plus an fp32 master copy and the moments of their 1/N
+partition: 4 + 12/N B (stage 2 differs from stage 1 only while gradients exist, inside the step); stage 3 partitions
+the weights too, and keeps a gradient partition buffer between steps: 20/N B. (The textbook count with gradients, 16
+B at ZeRO-0, is the peak inside a step.)
 
     python benchmarks/zero_memory.py [--recipe ctcd_large] [--ranks 2] [--out runs/zero-memory] [--vocab 8192]
 """
@@ -23,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def theory(stage: int, n: int) -> float:
-    bytes_per_param = {0: 16, 1: 8 + 8 / n, 2: 4 + 12 / n, 3: 16 / n}[stage]
-    return bytes_per_param / 16
+    """The share of ZeRO-0's state a stage keeps after a step (see the docstring)."""
+    bytes_per_param = {0: 12, 1: 4 + 12 / n, 2: 4 + 12 / n, 3: 20 / n}[stage]
+    return bytes_per_param / 12
 
 
 def main() -> int:
@@ -50,21 +58,28 @@ def main() -> int:
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         return 1
     with open(Path(args.out) / "scaling.csv") as f:
-        rows = {int(r["zero_stage"]): r for r in csv.DictReader(f)}
-    base = rows.get(0)
+        rows = [r for r in csv.DictReader(f) if r["template"] in args.templates]
+    base = next((r for r in rows if r["zero_stage"] == "0"), None)
     print(f"\n{args.recipe} on {args.ranks} ranks, fp32, micro-batch {args.micro_batch} x {args.seq_len} tokens")
     if base and base["status"] == "ok":
         print(f"parameters: {base['members_params']} ({int(base['parameters']) / 1e6:.0f}M together)")
-    print(f"{'stage':>5} {'peak GB (max rank)':>18} {'engine GB':>10} {'of ZeRO-0':>10} {'theory':>7}  s/step")
-    for stage, r in sorted(rows.items()):
+    print(
+        f"{'template':<16} {'stage':>5} {'tensors GB':>10} {'of ZeRO-0':>9} {'theory':>7} {'peak RSS GB':>11} "
+        f"{'engines GB':>10} {'of ZeRO-0':>9}  s/step"
+    )
+    ok = base is not None and base["status"] == "ok"
+    for r in rows:
+        stage, name = int(r["zero_stage"]), Path(r["template"]).stem
         if r["status"] != "ok":
-            print(f"{stage:>5}  failed: {r['error']}")
+            print(f"{name:<16} {stage:>5}  failed: {r['error']}")
             continue
-        engine = float(r["engine_memory_gb_max"])
-        share = engine / float(base["engine_memory_gb_max"]) if base and base["status"] == "ok" else float("nan")
+        tensors, engine = float(r["tensors_gb_max"]), float(r["engine_memory_gb_max"])
+        t_share = tensors / float(base["tensors_gb_max"]) if ok else float("nan")
+        e_share = engine / float(base["engine_memory_gb_max"]) if ok else float("nan")
         print(
-            f"{stage:>5} {float(r['peak_memory_gb_max']):>18.2f} {engine:>10.2f} {share:>10.0%} "
-            f"{theory(stage, args.ranks):>7.0%}  {float(r['step_time_median_s']):.1f}"
+            f"{name:<16} {stage:>5} {tensors:>10.2f} {t_share:>9.0%} {theory(stage, args.ranks):>7.0%} "
+            f"{float(r['peak_memory_gb_max']):>11.2f} {engine:>10.2f} {e_share:>9.0%}  "
+            f"{float(r['step_time_median_s']):.1f}"
         )
     return 0
 

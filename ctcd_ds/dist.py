@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -145,6 +146,17 @@ def memory_now_bytes() -> int:
         return torch.cuda.memory_allocated(dev)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage on this rank's device that Python objects hold now (weights, gradients,
+    optimizer states, buffers): what ZeRO partitions, without the allocator's slack or transient peaks."""
+    dev, sizes = device().type, {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == dev:
+            storage = obj.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -303,6 +303,7 @@ class Trainer:
             out["reserved_gb"] = torch.cuda.max_memory_reserved(dist.device()) / 2**30
         else:
             out["cpu_threads"] = torch.get_num_threads()
+            out["tensors_gb"] = dist.live_tensor_bytes() / 2**30  # after the last step: the state ZeRO partitions
         return out
 
     def export(self) -> dict[str, str]:

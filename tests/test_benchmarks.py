@@ -79,3 +79,14 @@ def test_finetune_lr_sweep_quick(tmp_path, tokenizer_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(r"^\s+1e-3\s+[\d.]+$", res.stdout, re.M) and re.search(r"^\s+3e-4\s+[\d.]+$", res.stdout, re.M)
     assert "majority-class baseline (dev accuracy):" in res.stdout and "best lr for tiny: " in res.stdout
+
+
+def test_zero_memory_prints_each_stage_against_zero0(tmp_path):
+    """The ZeRO memory benchmark on the tiny pair, 2 ranks, two stages: one line per stage, ZeRO-0 at 100%."""
+    args = ["--recipe", "ctcd", "--templates", "zero0", "zero2", "--steps", "3", "--seq-len", "64", "--vocab", "1000"]
+    res = run_benchmark("zero_memory.py", *args, "--out", str(tmp_path / "zm"), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("zero")}
+    assert sorted(lines) == ["zero0", "zero2"], res.stdout[-2000:]
+    assert lines["zero0"][1:5:2] == ["0", "100%"] and lines["zero2"][1] == "2"
+    assert float(lines["zero2"][2]) < float(lines["zero0"][2])  # the partitioned state is smaller

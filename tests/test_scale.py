@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
+from ctcd_ds import dist
 from ctcd_ds.config import ScaleConfig, load_config
 from ctcd_ds.errors import EXIT_USAGE
 from ctcd_ds.scaling import sweep
@@ -106,6 +108,7 @@ def test_a_real_sweep_measures_each_point_records_failures_and_keeps_finished_po
     )
     assert len(two["peak_memory_gb_per_rank"].split(";")) == 2 and float(two["peak_memory_gb_max"]) > 0.1
     assert "teacher=" in one["members_params"] and float(one["flops_per_token"]) > 0
+    assert 0 < float(two["tensors_gb_max"]) < float(two["peak_memory_gb_max"])
     assert one["mfu"] == ""  # a CPU has no known peak
     cores = len(os.sched_getaffinity(0))
     half = max(1, cores // 2)  # CPU ranks split the cores of their node
@@ -142,3 +145,12 @@ def test_cpu_threads_per_rank_reaches_the_ranks_and_a_failed_point_keeps_its_err
     assert seen["env"]["OMP_NUM_THREADS"] == "1" and "NUM_GPUS=2" in seen["cmd"]
     assert (row["status"], row["error"], row["zero_stage"]) == ("failed", "exit status 1: error: something", 2)
     assert json.loads((tmp_path / "points" / row["name"] / "result.json").read_text()) == row
+
+
+def test_live_tensor_bytes_counts_every_storage_once():
+    before = dist.live_tensor_bytes()
+    big = torch.zeros(1_000_000)
+    views = [big[:10], big.view(1000, 1000), big[5:]]  # views share the one storage
+    grown = dist.live_tensor_bytes() - before
+    assert grown == pytest.approx(4_000_000, rel=0.01), grown
+    del big, views

@@ -17,8 +17,8 @@ COLUMNS = [
     "world_size", "template", "zero_stage", "precision", "micro_batch", "grad_accum", "seq_len", "tokens_per_step",
     "timed_steps", "step_time_median_s", "step_time_min_s", "step_time_max_s", "tokens_per_s",
     "tokens_per_s_per_rank", "weak_scaling_efficiency", "strong_scaling_efficiency", "memory_kind",
-    "peak_memory_gb_max", "peak_memory_gb_per_rank", "engine_memory_gb_max", "reserved_gb_max", "flops_per_token",
-    "model_tflops", "peak_tflops", "mfu", "cpu_threads_per_rank", "wall_s",
+    "peak_memory_gb_max", "peak_memory_gb_per_rank", "engine_memory_gb_max", "tensors_gb_max", "reserved_gb_max",
+    "flops_per_token", "model_tflops", "peak_tflops", "mfu", "cpu_threads_per_rank", "wall_s",
 ]  # fmt: skip
 SAME_MODEL = ("recipe", "members", "template", "precision", "seq_len")
 """What a row must share with its 1-rank reference (the models, the engine set-up and the tokens per sample)."""

@@ -199,6 +199,7 @@ def measure(run_dir: Path, warmup_steps: int) -> dict:
         "peak_memory_gb_max": max(r["peak_gb"] for r in memory),
         "peak_memory_gb_per_rank": ";".join(f"{r['peak_gb']:.3f}" for r in memory),
         "engine_memory_gb_max": max(r["peak_gb"] - r["before_engines_gb"] for r in memory),
+        "tensors_gb_max": max((r.get("tensors_gb") or 0.0) for r in memory) or None,
         "memory_kind": memory[0]["kind"],
         "cpu_threads_per_rank": ";".join(str(r["cpu_threads"]) for r in memory if "cpu_threads" in r) or None,
         "reserved_gb_max": max((r.get("reserved_gb") or 0.0) for r in memory) or None,
