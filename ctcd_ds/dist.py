@@ -115,12 +115,18 @@ def print0(*args, **kwargs) -> None:
 
 @contextlib.contextmanager
 def rank0_first():
-    """Each node's local rank 0 runs the block first (e.g. fills that node's cache: nodes need not share a disk),
-    then the other ranks run it (reading the cache). The first ranks of several nodes run it at the same time."""
-    if not is_local_rank0():
-        barrier()
+    """Global rank 0 runs the block first (e.g. fills a cache); then the first rank of every other node (filling
+    its node's cache, or finding rank 0's where the nodes share a disk); then every other rank (reading it). Nodes
+    need not share a disk; where they do, the others find rank 0's cache instead of writing it at the same time."""
+    first, node_first = is_rank0(), is_local_rank0() and not is_rank0()
+    if not first:
+        barrier()  # rank 0 is done
+    if not (first or node_first):
+        barrier()  # every node's first rank is done
     yield
-    if is_local_rank0():
+    if first:
+        barrier()
+    if first or node_first:
         barrier()
 
 

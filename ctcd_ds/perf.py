@@ -14,7 +14,7 @@ import torch
 # Dense (no sparsity) peaks per device in TFLOP/s: (name pattern, bf16/fp16 tensor cores, fp32 without TF32).
 # The first pattern that matches torch.cuda.get_device_name() wins, so a variant comes before its family.
 PEAKS: tuple[tuple[str, float, float | None], ...] = (
-    (r"H100.*PCIe", 756, 51),
+    (r"H(100|800).*PCIe", 756, 51),
     (r"H100.*NVL", 835, 60),
     (r"H200.*NVL", 836, 60),
     (r"H100|H200|H800", 989, 67),  # SXM (e.g. "NVIDIA H100 80GB HBM3"), GH200

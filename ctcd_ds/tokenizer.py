@@ -207,9 +207,8 @@ def cache_tokenizer_files(name: str, files: dict[str, bytes]) -> Path:
         content = hashlib.sha256(b"".join(k.encode() + b"\0" + v for k, v in sorted(files.items())))
         cached = cached.with_name(f"{name}-{content.hexdigest()[:8]}")
     if not has_tokenizer(cached):
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp", dir=cached.parent))  # unique on a shared cache too
         for file, data in files.items():
             (tmp / file).write_bytes(data)
         _install(tmp, cached)

@@ -135,7 +135,7 @@ def _same_losses(run: Path, reference: Path) -> None:
     for member in ("teacher", "student"):
         got, want = train_losses(run, member), train_losses(reference, member)
         assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), member
-        assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=1e-6), member
+        assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=1e-5), member
 
 
 def test_two_nodes_started_per_node_train_as_one_node_with_two_ranks(tmp_path, reference):

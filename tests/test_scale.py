@@ -67,12 +67,14 @@ def test_weak_and_strong_scaling_efficiency_against_the_one_rank_points():
 def test_bad_sweep_settings_are_all_reported_before_anything_runs(tmp_path):
     cfg = _cfg(
         f"--output_dir={tmp_path / 'out'}", "--nodes=[1,2]", "--ranks=[0]", "--templates=[zero9]", "--steps=4",
-        "--warmup_steps=4", "--recipes=[nope]", "--members=[{}]",
+        "--warmup_steps=4", "--recipes=[nope]", "--members=[{}]", "--cpu_threads_per_rank=1", "--micro_batch=[2,2]",
     )  # fmt: skip
     found = "\n".join(scale_problems(cfg))
     for text in ("nodes=[1, 2]: more than one node needs hostfile", "ranks=0: must be at least 1", "zero9",
                  "warmup_steps=4: must be at least 0 and less than steps=4", "--config=nope",
-                 "members.0: give at least one member: preset"):  # fmt: skip
+                 "members.0: give at least one member: preset",
+                 "cpu_threads_per_rank=1: reaches only this machine's ranks",
+                 "two points are both named nope-n1x0-zero9-mb2-ga1-auto: give each value once"):  # fmt: skip
         assert text in found, found
     res = run_cli(["bash", LAUNCHER, f"--output_dir={tmp_path / 'out'}", "--steps=1", "--ranks=[1,two]"])
     assert res.returncode == EXIT_USAGE, res.stderr
@@ -132,19 +134,32 @@ def test_a_real_sweep_measures_each_point_records_failures_and_keeps_finished_po
     assert rows["ctcd-n1x3-zero2-mb4-ga1-fp32"]["error"].startswith("timeout: still running after 3 s")
 
 
-def test_cpu_threads_per_rank_reaches_the_ranks_and_a_failed_point_keeps_its_error(tmp_path, monkeypatch):
-    seen = {}
+def test_a_point_gets_its_own_environment_and_is_rerun_when_its_settings_change(tmp_path, monkeypatch):
+    launched = []
 
     def launch(cmd, log, timeout_s, env):
-        seen.update(env=env, cmd=cmd)
+        launched.append((cmd, env))
         return "exit status 1: error: something"
 
     monkeypatch.setattr(sweep, "_launch", launch)
+    inherited = {"HOSTFILE": "/etc/hosts", "NUM_NODES": "4", "MASTER_PORT": "1", "OMP_NUM_THREADS": "7", "HOME": "/h"}
+    monkeypatch.setattr(os, "environ", inherited)
     cfg = _cfg(f"--output_dir={tmp_path}", "--ranks=2", "--cpu_threads_per_rank=1")
     row = sweep.Sweep(cfg).point(points(cfg)[0])
-    assert seen["env"]["OMP_NUM_THREADS"] == "1" and "NUM_GPUS=2" in seen["cmd"]
+    cmd, env = launched[-1]
+    assert env == {"HOME": "/h", "OMP_NUM_THREADS": "1"} and "NUM_GPUS=2" in cmd  # no launcher setting leaks in
     assert (row["status"], row["error"], row["zero_stage"]) == ("failed", "exit status 1: error: something", 2)
     assert json.loads((tmp_path / "points" / row["name"] / "result.json").read_text()) == row
+
+    sweep.Sweep(cfg).point(points(cfg)[0])  # the same settings: kept (failed points too, without retry_failed)
+    assert len(launched) == 1
+    for changed in (["--steps=9"], ["--overrides=[--data.seq_len=32]"], ["--cpu_threads_per_rank=0"]):
+        again = _cfg(f"--output_dir={tmp_path}", "--ranks=2", "--cpu_threads_per_rank=1", *changed)
+        sweep.Sweep(again).point(points(again)[0])
+        assert len(launched) == 2, changed  # measured with other settings: run again
+        launched.pop()
+        sweep.Sweep(cfg).point(points(cfg)[0])  # back to the first settings (their result was replaced)
+        launched.pop()
 
 
 def test_live_tensor_bytes_counts_every_storage_once():

@@ -37,9 +37,9 @@ class Point:
     def name(self) -> str:
         """A folder name that says what the point is (and a short hash of what does not fit in it)."""
         parts = [
-            _slug(Path(self.recipe).stem),
+            _short(self.recipe),
             f"n{self.nodes}x{self.ranks_per_node}",
-            _slug(Path(self.template).stem),
+            _short(self.template),
             f"mb{self.micro_batch}",
             f"ga{self.grad_accum}",
             self.precision,
@@ -56,6 +56,13 @@ class Point:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
+
+
+def _short(name_or_path: str) -> str:
+    """A recipe or template name as is; a file as its stem and a hash of its path (two files may share a stem)."""
+    if "/" not in name_or_path and not name_or_path.endswith((".json", ".yaml", ".yml")):
+        return _slug(name_or_path)
+    return f"{_slug(Path(name_or_path).stem)}_{hashlib.sha256(name_or_path.encode()).hexdigest()[:6]}"
 
 
 def points(cfg: ScaleConfig) -> list[Point]:
@@ -91,7 +98,7 @@ def command(cfg: ScaleConfig, point: Point, run_dir: Path) -> list[str]:
     """The `bash launchers/pretrain.sh ...` of one point: a short run that logs every step, saves no checkpoint
     (a signal still does) and exports nothing."""
     cmd = ["bash", str(LAUNCHER), f"NUM_GPUS={point.ranks_per_node}", f"CONFIG={point.recipe}"]
-    if point.nodes > 1 or cfg.hostfile:
+    if point.nodes > 1:  # a 1-node point runs here, whatever the hostfile lists
         cmd += [f"HOSTFILE={cfg.hostfile}", f"NUM_NODES={point.nodes}"]
     cmd += [
         f"--output_dir={run_dir}",
@@ -113,3 +120,31 @@ def command(cfg: ScaleConfig, point: Point, run_dir: Path) -> list[str]:
     if point.seq_len:
         cmd.append(f"--data.seq_len={point.seq_len}")
     return cmd + member_overrides(point.members) + list(cfg.overrides)
+
+
+LAUNCHER_ENV = (
+    "HOSTFILE",
+    "NUM_NODES",
+    "NODE_RANK",
+    "LAUNCHER",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CTCD_CONFIG",
+    "DRY_RUN",
+)
+"""Launcher settings a point must not inherit from the sweep's environment: its command sets what it needs."""
+
+
+def environment(cfg: ScaleConfig, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a point: the sweep's, without launcher settings, with the point's CPU threads."""
+    env = {k: v for k, v in base.items() if k not in LAUNCHER_ENV and k != "OMP_NUM_THREADS"}
+    if cfg.cpu_threads_per_rank:
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads_per_rank)
+    return env
+
+
+def settings_key(cfg: ScaleConfig, point: Point) -> dict:
+    """Everything that decides a point's figures: its launcher command (without the run directory), the timed steps
+    and the CPU threads. A finished point is reused only while this is unchanged."""
+    cmd = [a for a in command(cfg, point, Path("RUN")) if a != "--output_dir=RUN"]
+    return {"command": cmd[2:], "warmup_steps": cfg.warmup_steps, "cpu_threads_per_rank": cfg.cpu_threads_per_rank}

@@ -22,13 +22,14 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from ctcd_ds import perf
 from ctcd_ds.checks import output_problems
 from ctcd_ds.config import ScaleConfig
 from ctcd_ds.config.loading import resolve_recipe
 from ctcd_ds.ds_config import load_template, template_problems, zero_stage
 from ctcd_ds.errors import UserError
 from ctcd_ds.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from ctcd_ds.scaling.grid import LAUNCHER, Point, command, points
+from ctcd_ds.scaling.grid import LAUNCHER, Point, command, environment, points, settings_key
 from ctcd_ds.scaling.report import add_efficiencies, write_csv, write_plot
 
 RESULT_FILE = "result.json"
@@ -65,6 +66,13 @@ def scale_problems(cfg: ScaleConfig) -> list[str]:
         problems.append(f"peak_tflops={cfg.peak_tflops}: must be 0 (look the GPU up) or positive")
     if any(n > 1 for n in cfg.nodes) and not cfg.hostfile:
         problems.append(f"nodes={cfg.nodes}: more than one node needs hostfile (a DeepSpeed hostfile listing them)")
+    if cfg.cpu_threads_per_rank and any(n > 1 for n in cfg.nodes):
+        problems.append(
+            f"cpu_threads_per_rank={cfg.cpu_threads_per_rank}: reaches only this machine's ranks (DeepSpeed does not "
+            "pass OMP_NUM_THREADS to other nodes); leave it 0 with nodes > 1"
+        )
+    names = [p.name for p in points(cfg)]
+    problems += sorted({f"two points are both named {n}: give each value once" for n in names if names.count(n) > 1})
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         problems.append(f"hostfile={cfg.hostfile}: no such file")
     if not LAUNCHER.is_file():
@@ -94,17 +102,20 @@ class Sweep:
     def point(self, point: Point) -> dict:
         folder = self.out / "points" / point.name
         done = folder / RESULT_FILE
+        key = settings_key(self.cfg, point)
         if done.is_file():
             row = json.loads(done.read_text())
-            if row["status"] == "ok" or not self.cfg.retry_failed:
+            if row.get("settings") != key:
+                tqdm.write(
+                    f"{point.name}: measured with other settings before (steps, overrides, ...); running it again"
+                )
+            elif row["status"] == "ok" or not self.cfg.retry_failed:
                 return row
         run_dir = folder / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt: start the point afresh
         folder.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        env = dict(os.environ)
-        if self.cfg.cpu_threads_per_rank:
-            env["OMP_NUM_THREADS"] = str(self.cfg.cpu_threads_per_rank)
+        env = environment(self.cfg, dict(os.environ))
         error = _launch(command(self.cfg, point, run_dir), folder / "log.txt", self.cfg.timeout_s, env)
         row = point.as_dict() | {
             "status": "failed",
@@ -118,6 +129,7 @@ class Sweep:
             except (OSError, KeyError, ValueError) as exc:  # the run ended well but left no usable record
                 row["error"] = f"no measurements in {run_dir}: {exc!r}"
         row["zero_stage"] = zero_stage(load_template(point.template))
+        row["settings"] = key
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
         os.replace(tmp, done)
@@ -176,10 +188,7 @@ def measure(run_dir: Path, warmup_steps: int) -> dict:
     if not timed:
         raise ValueError(f"no step after the {warmup_steps} warm-up steps was timed")
     median = statistics.median(timed)
-    world = summary["world_size"]
-    tokens_per_step = (
-        cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum_steps"] * world * cfg["data"]["seq_len"]
-    )
+    world, tokens_per_step = summary["world_size"], summary["tokens_per_step"]
     tokens_per_s = tokens_per_step / median
     flops_per_token = sum(m["flops_per_token"] for m in summary["members"].values())
     peak = summary.get("peak_tflops")
@@ -204,9 +213,9 @@ def measure(run_dir: Path, warmup_steps: int) -> dict:
         "cpu_threads_per_rank": ";".join(str(r["cpu_threads"]) for r in memory if "cpu_threads" in r) or None,
         "reserved_gb_max": max((r.get("reserved_gb") or 0.0) for r in memory) or None,
         "flops_per_token": flops_per_token,
-        "model_tflops": flops_per_token * tokens_per_s / 1e12,
+        "model_tflops": perf.model_tflops(tokens_per_s, flops_per_token),
         "peak_tflops": peak,
-        "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * world) if peak else None,
+        "mfu": perf.mfu(tokens_per_s, flops_per_token, peak, world) if peak else None,
     }
     return row
 
