@@ -28,6 +28,7 @@ MARK_BEGIN="# >>> ctcd-ds .ci/multinode_ssh.sh >>>"
 MARK_END="# <<< ctcd-ds .ci/multinode_ssh.sh <<<"
 t_start=$SECONDS
 say() { echo "[multinode_ssh $((SECONDS - t_start))s] $*"; }
+. "$REPO/.ci/lib.sh"  # kill_leftover_ranks
 
 # ------------------------------------------------------------------ packages
 if [ ! -x /usr/sbin/sshd ] || ! command -v pdsh >/dev/null; then
@@ -51,15 +52,6 @@ stop_sshd() {
     pid=$(cat "$WORK/sshd/sshd.pid")
     if kill -0 "$pid" 2>/dev/null; then kill "$pid"; fi
     rm -f "$WORK/sshd/sshd.pid"
-  fi
-}
-kill_leftover_ranks() {  # ranks of our runs only: their command lines hold our work directory
-  local pids
-  pids=$(pgrep -f -- "--output_dir=$WORK/" || true)
-  if [ -n "$pids" ]; then
-    say "killing leftover processes of these runs: $pids"
-    # shellcheck disable=SC2086  # one pid per word
-    kill -9 $pids 2>/dev/null || true
   fi
 }
 cleanup() {

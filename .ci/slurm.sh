@@ -28,6 +28,7 @@ NODE_ADDRS=(127.0.0.2 127.0.0.3)
 PY=$(command -v python3 || command -v python)
 t_start=$SECONDS
 say() { echo "[slurm $((SECONDS - t_start))s] $*"; }
+. "$REPO/.ci/lib.sh"  # kill_leftover_ranks
 
 # ------------------------------------------------------------------ packages
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null ||
@@ -55,15 +56,6 @@ stop_pidfile() {
 stop_slurm() {
   local f
   for f in "$WORK"/run/slurmd-*.pid "$WORK/run/slurmctld.pid"; do stop_pidfile "$f"; done
-}
-kill_leftover_ranks() {  # processes of our jobs only: their command lines hold our work directory
-  local pids
-  pids=$(pgrep -f -- "--output_dir=$WORK/" || true)
-  if [ -n "$pids" ]; then
-    say "killing leftover processes of these jobs: $pids"
-    # shellcheck disable=SC2086  # one pid per word
-    kill -9 $pids 2>/dev/null || true
-  fi
 }
 cleanup() {
   local rc=$?

@@ -96,7 +96,8 @@ def remap_init(model: PreTrainedModel, source_dir: str) -> list[int]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters of ``model``, whole: under ZeRO-3 a partitioned parameter counts its full size (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def parameters_of(model: str, vocab_size: int, pad_token_id: int) -> int:

@@ -278,7 +278,7 @@ class Trainer:
             "peak_tflops": self.peak_tflops,
             "members": {
                 name: {
-                    "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in m.engine.module.parameters()),
+                    "parameters": count_parameters(m.engine.module),
                     "trainable": m.trainable,
                     "flops_per_token": self.member_flops[name] if self.member_flops else None,
                 }

@@ -53,7 +53,8 @@ def scale_problems(cfg: ScaleConfig) -> list[str]:
         except UserError as exc:
             problems += [f"recipes: {p}" for p in exc.problems]
     for i, models in enumerate(cfg.members):
-        problems += [f"members.{i}: give at least one member: preset" for _ in [0] if not models]
+        if not models:
+            problems.append(f"members.{i}: give at least one member: preset")
     if cfg.steps < 2:
         problems.append(f"steps={cfg.steps}: a point needs at least 2 steps")
     if not 0 <= cfg.warmup_steps < cfg.steps:
