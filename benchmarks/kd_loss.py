@@ -41,13 +41,17 @@ noisy: the load average is printed at start and end. ``--quick``: tiny shapes, a
 ``--dtype fp32`` or ``bf16`` logits: CUDA-event timings (median of ``--reps`` after warm-up) of the
 reference, ``torch_shared_lsm`` eagerly and under ``torch.compile`` (``torch_compiled``; skipped with a
 note if compilation fails, or with ``--no-compile``; compile time is not timed), the fused loss through its
-torch path (``fused_torch``) and through the Triton kernel with its default launch settings
-(``fused_triton``), the copy floor and the two head variants; extra memory =
-``torch.cuda.max_memory_allocated`` during the call minus the memory before it and minus the gradients it
-returns. The kernels' effective bandwidth counts the bytes the loss must move at least (read both logits,
-write both gradients: ``4 * N * V * element size``) and is compared with the device's copy bandwidth,
-measured first (``torch.clone`` of 2 GiB). ``--sweep`` also times the kernel under every launch setting of
-``triton_kd.TUNING_GRID`` (block size, warps, persistent grid) at each shape.
+torch path (``fused_torch``) and through the Triton kernel on each of its paths, forced, with the default
+launch settings (``triton_one_pass``: each row read once, at any V; ``triton_two_pass``: each row read
+twice), the copy floor and the two head variants; extra memory = ``torch.cuda.max_memory_allocated`` during
+the call minus the memory before it and minus the gradients it returns. The kernels' effective bandwidth
+counts the bytes the loss must move at least (read both logits, write both gradients: ``4 * N * V *
+element size``, what ``copy_floor`` moves) and is compared with the copy floor timed in the same run
+(``of_copy_floor``: ``copy_floor``'s time over the method's) and with the device's copy bandwidth, measured
+first (``of_copy_bw``: ``torch.clone`` of 2 GiB). The JSON summary's ``fused`` is the path
+``backend="auto"`` takes at that V (``triton_kd.resolve_path``). ``--sweep`` also times the two-pass kernel
+under every launch setting of ``triton_kd.TUNING_GRID`` (block size, warps, persistent grid) and the one-pass
+kernel with and without a persistent grid at each shape.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ METHODS = ("reference", "torch_shared_lsm", "fused", "copy_floor", "copy_into", 
 BASELINES = ("reference", "torch_shared_lsm", "torch_compiled")
 """The torch implementations of the logits loss the fused one is compared with (``torch_compiled``: CUDA)."""
 HEAD_BASELINES = ("head_reference",)
+TRITON_ROWS = ("triton_one_pass", "triton_two_pass")
+"""The Triton kernel's rows in the CUDA comparison, one per path."""
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -424,11 +430,12 @@ def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype, compile_baseline: boo
     ts = [t.detach().to(dev, dtype).requires_grad_() for t in ts]
     labels = labels.to(dev)
 
-    def fused(backend: str, launch: dict | None = None):
+    def fused(backend: str, path: str = "auto", launch: dict | None = None):
         def call():
             clear((a, b))
             with triton_kd.launch_settings(**launch) if launch else contextlib.nullcontext():
-                out = bidirectional_kl(a, b, TAU, backend=backend)
+                with triton_kd.kernel_path(path):
+                    out = bidirectional_kl(a, b, TAU, backend=backend)
             out.loss_ab.backward()
             out.loss_ba.backward()
 
@@ -454,7 +461,7 @@ def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype, compile_baseline: boo
             print(f"note: torch.compile baseline skipped at N={n} V={v}: {type(e).__name__}: {str(e)[:300]}")
     calls["fused_torch"] = fused("torch")
     if triton_kd.TRITON_AVAILABLE:
-        calls["fused_triton"] = fused("triton")
+        calls.update({m: fused("triton", m.removeprefix("triton_")) for m in TRITON_ROWS})
     calls.update(
         copy_floor=lambda: run_copy_floor(a, b),
         head_reference=lambda: run_head_reference(ts, labels),
@@ -463,7 +470,10 @@ def cuda_calls(n: int, v: int, h: int, dtype: torch.dtype, compile_baseline: boo
     grads = {m: ts if m.startswith("head") else (a, b) for m in calls}
     sweep = {}
     if triton_kd.TRITON_AVAILABLE:
-        sweep = {triton_kd.launch_name(**c): fused("triton", c) for c in triton_kd.TUNING_GRID}
+        sweep = {triton_kd.launch_name(**c): fused("triton", "two_pass", c) for c in triton_kd.TUNING_GRID}
+        for pps in (None, 2, 4):
+            launch = {"block": triton_kd.BLOCK_V, "warps": triton_kd.NUM_WARPS, "programs_per_sm": pps}
+            sweep[f"one_pass-p{pps}"] = fused("triton", "one_pass", launch)
     return calls, grads, sweep, (a, b)
 
 
@@ -518,10 +528,11 @@ def cuda_main(args) -> None:
     print("vs_ref / vs_best: speed relative to the naive reference / the fastest baseline; mem_vs_best: extra memory")
     print("relative to the leanest baseline (head rows: relative to head_reference)")
     if not triton_kd.TRITON_AVAILABLE:
-        print("note: triton is not installed: no fused_triton row")
+        print("note: triton is not installed: no triton_one_pass / triton_two_pass rows")
+    print("of_copy_floor: the bandwidth of the minimum bytes (4 N V elements) over copy_floor's (the same bytes)")
     header = (
         f"{'N':>5} {'V':>6}  {'method':<17} {'time_ms':>8} {'vs_ref':>7} {'vs_best':>8} {'vs_copy':>8} {'TB/s':>6} "
-        f"{'of_copy_bw':>10} {'extra_MB':>9} {'extra/logits':>12} {'mem_vs_best':>11}"
+        f"{'of_copy_floor':>13} {'of_copy_bw':>10} {'extra_MB':>9} {'extra/logits':>12} {'mem_vs_best':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -546,6 +557,7 @@ def cuda_main(args) -> None:
                 moved = 4 * logits_bytes  # read both logits, write both gradients
                 row = {"N": n, "V": v, "method": m, "time_s": times[m]}
                 row["vs_copy"] = None if head else times[m] / times["copy_floor"]
+                row["of_copy_floor"] = None if head else times["copy_floor"] / times[m]
                 row["tb_per_s"] = None if head else moved / times[m] / 1e12
                 row["of_copy_bw"] = None if head else moved / times[m] / bw
                 row["extra_MB"] = (peak - outputs) / 2**20
@@ -556,10 +568,11 @@ def cuda_main(args) -> None:
                 print(
                     f"{n:>5} {v:>6}  {m:<17} {1000 * row['time_s']:>8.3f} "
                     f"{row['vs_ref']:>6.2f}x {row['vs_best']:>7.2f}x {fmt(row['vs_copy'], '7.2f')}x "
-                    f"{fmt(row['tb_per_s'], '6.2f')} {fmt(row['of_copy_bw'], '10.2f')} "
+                    f"{fmt(row['tb_per_s'], '6.2f')} {fmt(row['of_copy_floor'], '13.2f')} "
+                    f"{fmt(row['of_copy_bw'], '10.2f')} "
                     f"{row['extra_MB']:>9.1f} {row['extra_vs_logits']:>12.3f} {fmt(row['mem_vs_best'], '10.2f')}x"
                 )
-            for fused_name in ("fused_triton", "fused_torch"):
+            for fused_name in (*TRITON_ROWS, "fused_torch"):
                 if fused_name in rows:
                     print_fused_vs_best(n, v, rows, fused_name)
             all_rows += rows.values()
@@ -568,7 +581,8 @@ def cuda_main(args) -> None:
 
     n, v = max(args.rows), max(args.vocab)
     r = {row["method"]: row for row in all_rows if row["N"] == n and row["V"] == v}
-    kernel = r.get("fused_triton", r["fused_torch"])
+    auto_path = triton_kd.resolve_path(v)
+    kernel = r.get(f"triton_{auto_path}", r["fused_torch"])
     if best_launch:
         print(
             "best launch per shape: " + ", ".join(f"{k[0]}x{k[1]} {c} ({f:.2f})" for k, (c, f) in best_launch.items())
@@ -582,6 +596,8 @@ def cuda_main(args) -> None:
         "copy_bandwidth_tb_s": rnd(bw / 1e12),
         "fused": kernel["method"],
         "launch": {
+            "path": auto_path,
+            "one_pass_max_block": triton_kd.ONE_PASS_MAX_BLOCK,
             "block": triton_kd.BLOCK_V,
             "warps": triton_kd.NUM_WARPS,
             "programs_per_sm": triton_kd.PROGRAMS_PER_SM,
@@ -595,6 +611,7 @@ def cuda_main(args) -> None:
         "memory_vs_leanest_baseline": rnd(kernel["mem_vs_best"]),
         "time_vs_copy_floor": rnd(kernel["vs_copy"]),
         "bandwidth_vs_copy": rnd(kernel["of_copy_bw"]),
+        "bandwidth_vs_copy_floor": {m: rnd(r[m]["of_copy_floor"]) for m in TRITON_ROWS if m in r},
         "memory_vs_logits": rnd(kernel["extra_vs_logits"], 3),
         "torch_path_speedup_vs_reference": rnd(r["fused_torch"]["vs_ref"]),
         "torch_path_speedup_vs_fastest_baseline": rnd(r["fused_torch"]["vs_best"]),

@@ -2,11 +2,16 @@
 
 Reference: ``ctcd_ds.losses.reference.kd_loss`` (two ``F.kl_div``) on the valid rows, and for the LM-head
 variant ``hidden @ W.T + b`` -> ``F.cross_entropy`` + ``kd_loss``. All on tiny shapes (CPU, seconds).
+The Triton kernel's tests need a CUDA device, except those running both of its paths in Triton's CPU
+interpreter (child processes; skipped when triton is not installed).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -27,10 +32,13 @@ from ctcd_ds.losses import (
     triton_kd,
 )
 
+from conftest import REPO
+
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 needs_triton = pytest.mark.skipif(
-    not (HAS_CUDA and triton_kd.TRITON_AVAILABLE), reason="needs a CUDA device and triton (not installed here)"
+    not (HAS_CUDA and triton_kd.TRITON_AVAILABLE),
+    reason=f"needs a CUDA device and triton (here: CUDA {HAS_CUDA}, triton {triton_kd.TRITON_AVAILABLE})",
 )
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -592,11 +600,12 @@ def test_cuda_matches_reference(backend, dtype):
 @needs_triton
 @pytest.mark.parametrize("launch", triton_kd.TUNING_GRID, ids=lambda c: triton_kd.launch_name(**c))
 def test_triton_kernel_matches_torch_path(launch):
-    """Every launch setting the benchmark may pick; 30522 columns = a partial last block for each block size."""
+    """Every two-pass launch setting the benchmark may pick; 30522 columns = a partial last block for each
+    block size."""
     a, b = _logits(129 if launch["programs_per_sm"] is None else 1031, 30522, 4.0, seed=16)
     a, b = a.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_()
     for mask in (None, (torch.arange(a.shape[0]) % 3 != 0).cuda()):
-        with triton_kd.launch_settings(**launch):
+        with triton_kd.launch_settings(**launch), triton_kd.kernel_path("two_pass"):
             t = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="triton")
         ga, gb = a.grad.clone(), b.grad.clone()
         r = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="torch")
@@ -604,6 +613,27 @@ def test_triton_kernel_matches_torch_path(launch):
         torch.testing.assert_close(t.loss_ba, r.loss_ba, **FP32)
         torch.testing.assert_close(ga, a.grad, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(gb, b.grad, rtol=1e-5, atol=1e-8)
+
+
+@needs_triton
+@pytest.mark.parametrize("programs_per_sm", [None, 4])
+@pytest.mark.parametrize("v", [5003, triton_kd.ONE_PASS_MAX_BLOCK, 30522])
+@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
+def test_triton_paths_match_torch_path(path, v, programs_per_sm):
+    """Both paths, forced, at a masked partial block, at the widest row "auto" sends through one pass, and at
+    BERT's vocabulary (forced one pass: a 32768-wide block, as the benchmark times it)."""
+    a, b = _logits(1031 if programs_per_sm else 129, v, 4.0, seed=23)
+    a, b = a.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_()
+    for mask in (None, (torch.arange(a.shape[0]) % 3 != 0).cuda()):
+        with triton_kd.launch_settings(triton_kd.BLOCK_V, triton_kd.NUM_WARPS, programs_per_sm):
+            with triton_kd.kernel_path(path):
+                t = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="triton")
+        ga, gb = a.grad.clone(), b.grad.clone()
+        r = _fused_backward(a, b, 2.0, 0.5, 1.5, row_mask=mask, backend="torch")
+        torch.testing.assert_close(t.loss_ab, r.loss_ab, **FP32)
+        torch.testing.assert_close(t.loss_ba, r.loss_ba, **FP32)
+        for got, want in ((ga, a.grad), (gb, b.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 @needs_triton
@@ -617,3 +647,110 @@ def test_triton_linear_variant_matches_reference():
         torch.testing.assert_close(getattr(out, name), ref[name].detach(), rtol=1e-4, atol=1e-5)
     for gf, gr in zip(_grads(out.mlm_a + out.loss_ba, tensors)[:3], _grads(ref["mlm_a"] + ref["loss_ba"], tensors)[:3]):
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Triton kernel in Triton's CPU interpreter (both paths; skipped without triton)
+# --------------------------------------------------------------------------------------------------
+
+INTERPRETER_SHAPES = ((5, 7), (12, 100), (33, 1000), (9, triton_kd.BLOCK_V + 1))
+"""(N, V) for the interpreter: tiny, mid-sized, and just over one two-pass block (a partial second block)."""
+WIDE_SHAPE = (3, triton_kd.ONE_PASS_MAX_BLOCK + 1)
+"""Just over the widest row "auto" sends through one pass (forced there: a 32768-wide block, 1 column used of
+its second half)."""
+
+
+def _interpreter_cases() -> list[dict]:
+    """Keyword arguments of :func:`_check_kernel_case`: the variations the CUDA tests cover."""
+    cases = [{"n": n, "v": v, "dtype": dt} for n, v in INTERPRETER_SHAPES for dt in (torch.bfloat16, torch.float16)]
+    cases += [{"n": n, "v": v, "masked": m} for n, v in INTERPRETER_SHAPES for m in (False, True)]
+    cases.append({"n": WIDE_SHAPE[0], "v": WIDE_SHAPE[1]})
+    cases += [{"n": n, "v": v, "programs_per_sm": 2} for n, v in INTERPRETER_SHAPES]  # 2 programs loop over rows
+    cases += [{"n": 12, "v": 100, "tau": tau} for tau in (0.25, 1.0, 4.0, 10.0)]
+    cases += [{"n": 12, "v": 100, "w_ab": w_ab, "w_ba": w_ba} for w_ab, w_ba in ((1.0, 0.0), (0.0, 1.0), (-0.7, 2.5))]
+    return cases
+
+
+def _check_kernel_case(n, v, dtype=torch.float32, tau=2.0, w_ab=0.6, w_ba=1.4, masked=True, programs_per_sm=None):
+    """``bidirectional_kl`` through the kernel (on the current :data:`triton_kd.KERNEL_PATH`) against the
+    reference: both losses, and both gradients (float32: also against the torch path, to 1e-6 of the largest
+    entry; bfloat16 and float16: within 2 ulps of the input dtype, as :func:`test_low_precision_inputs`)."""
+    a, b = _logits(n, v, 3.0, dtype=dtype, seed=n * v)
+    mask = torch.arange(n) % 4 != 1 if masked else None
+    with triton_kd.launch_settings(triton_kd.BLOCK_V, triton_kd.NUM_WARPS, programs_per_sm):
+        out = _fused_backward(a, b, tau, w_ab, w_ba, row_mask=mask, backend="triton")
+    ga, gb = _grad(a), _grad(b)
+    ref_ab, ref_ba, ref_ga, ref_gb = _reference(a, b, tau, w_ab, w_ba, mask)
+    torch.testing.assert_close(out.loss_ab, ref_ab, **FP32)
+    torch.testing.assert_close(out.loss_ba, ref_ba, **FP32)
+    if mask is not None:
+        assert (ga[~mask] == 0).all() and (gb[~mask] == 0).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(ga, ref_ga, **FP32)
+        torch.testing.assert_close(gb, ref_gb, **FP32)
+        r = _fused_backward(a, b, tau, w_ab, w_ba, row_mask=mask, backend="torch")
+        torch.testing.assert_close(out.kl_ab, r.kl_ab, **FP32)
+        torch.testing.assert_close(out.kl_ba, r.kl_ba, **FP32)
+        for got, want in ((ga, _grad(a)), (gb, _grad(b))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    else:
+        ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        for got, ref in ((ga, ref_ga), (gb, ref_gb)):
+            err, tol = (got.float() - ref.float()).abs().max().item(), 2 * ulp * ref.float().abs().max().item()
+            assert got.dtype == dtype and err <= tol, f"{got.dtype} gradient off by {err:.3g} > {tol:.3g}"
+
+
+def _interpreter_main(path: str) -> None:
+    """(Child process, ``TRITON_INTERPRET=1``.) Every case of :func:`_interpreter_cases` on ``path``."""
+    kernel = triton_kd._bidirectional_kl_kernel
+    assert type(kernel).__name__ == "InterpretedFunction", f"not the interpreter: {type(kernel)}"
+    fused.use_triton = lambda backend, *tensors: backend == "triton"  # admits CPU tensors (the interpreter's)
+    cases = _interpreter_cases()
+    with triton_kd.kernel_path(path):
+        for case in cases:
+            assert triton_kd.resolve_path(case["v"]) == path
+            try:
+                _check_kernel_case(**case)
+            except AssertionError as e:
+                raise AssertionError(f"{path}, {case}: {e}") from e
+    print(f"{path}: {len(cases)} cases passed")
+
+
+@pytest.mark.skipif(not triton_kd.TRITON_AVAILABLE, reason="triton is not installed (the interpreter comes with it)")
+@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
+def test_triton_interpreter_matches_reference(path):
+    """Each kernel path in Triton's CPU interpreter on CPU tensors, through ``bidirectional_kl``. In a child
+    process: ``TRITON_INTERPRET`` must be set before triton is imported, and this process imported it."""
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-W", "ignore::RuntimeWarning", __file__, path]  # numpy warns on the masked inf - inf
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"{path}: {len(_interpreter_cases())} cases passed" in res.stdout
+
+
+def test_kernel_path_dispatch():
+    """Under "auto" rows up to ONE_PASS_MAX_BLOCK padded columns take one pass, wider ones two; either can be
+    forced."""
+    assert [triton_kd.padded_width(v) for v in (1, 2, 7, 8, 2049, 30522)] == [1, 2, 8, 8, 4096, 32768]
+    widest = triton_kd.ONE_PASS_MAX_BLOCK
+    assert [triton_kd.resolve_path(v) for v in (1, 7, widest, widest + 1, 30522)] == [
+        "one_pass",
+        "one_pass",
+        "one_pass",
+        "two_pass",
+        "two_pass",
+    ]
+    for path in ("one_pass", "two_pass"):
+        with triton_kd.kernel_path(path):
+            assert {triton_kd.resolve_path(v) for v in (7, widest, widest + 1, 30522)} == {path}
+    assert triton_kd.KERNEL_PATH == "auto"
+    with pytest.raises(ValueError, match="three_pass"), triton_kd.kernel_path("three_pass"):
+        pass
+
+
+if __name__ == "__main__":
+    _interpreter_main(sys.argv[1])
