@@ -77,6 +77,10 @@ class Checkpointer:
         self.root = checkpoints_dir(output_dir)
         self.every, self.keep_last = every, keep_last
 
+    def due(self, step: int, *, last_step: bool) -> bool:
+        """Whether a checkpoint is saved at ``step``: every ``every`` steps, and at the last one."""
+        return last_step or (self.every > 0 and step % self.every == 0)
+
     def save(
         self, step: int, engines: dict[str, Any], trainer_state: dict[str, Any], config_yaml: str, *, last_step: bool
     ) -> Path | None:
@@ -84,7 +88,7 @@ class Checkpointer:
 
         Collective: every rank must call it (DeepSpeed's ``save_checkpoint`` hangs otherwise). A full disk raises
         UserError on every rank, with ``latest`` left on the last good checkpoint and no partial folder."""
-        if not (last_step or (self.every > 0 and step % self.every == 0)):
+        if not self.due(step, last_step=last_step):
             return None
         final, staging = self.root / tag(step), _staging(self.root, step)
         failure = None

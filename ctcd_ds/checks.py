@@ -378,10 +378,29 @@ def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -
         )
 
 
+def _compile_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
+    if not cfg.train.compile:
+        return
+    if ds_config.zero_stage(ds_config.load_template(cfg.deepspeed.template)) == 3:
+        problems.append(
+            f"train.compile=true: not with deepspeed.template={cfg.deepspeed.template} (ZeRO-3): its per-module "
+            "parameter hooks split the compiled graph (measured slower than eager); use a ZeRO-0/1/2 template"
+        )
+    for name, m in cfg.members.items():
+        prune, minidisc = getattr(m, "prune", None), getattr(m, "minidisc", None)
+        if (prune is not None and prune.enabled) or (minidisc is not None and minidisc.sandwich):
+            problems.append(
+                f"train.compile=true: not with members.{name}'s HomoDistil pruning or sandwich training (its masks "
+                "change while it trains); set train.compile=false"
+            )
+
+
 def _loop_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
     """The sections every training run has: train, deepspeed, checkpoint."""
     _train_problems(cfg, problems)
     problems.extend(ds_config.template_problems(cfg.deepspeed.template))
+    if not ds_config.template_problems(cfg.deepspeed.template):
+        _compile_problems(cfg, problems)
     if cfg.deepspeed.collective_timeout_s <= 0:
         problems.append(f"deepspeed.collective_timeout_s={cfg.deepspeed.collective_timeout_s}: must be > 0")
     _checkpoint_problems(cfg, problems)

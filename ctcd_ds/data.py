@@ -381,6 +381,7 @@ class SharedLoader:
                 batch_size=None,
                 sampler=remaining,
                 num_workers=self.num_workers,
+                pin_memory=dist.device().type == "cuda",  # page-locked: copies to the GPU do not block the host
                 generator=torch.Generator().manual_seed(self.seed),
             )
             for batch in loader:

@@ -19,6 +19,9 @@ from deepspeed.accelerator import get_accelerator
 _nodes = 1
 """How many nodes the run has (ranks with local rank 0), counted by :func:`init_distributed`."""
 
+_host_group = None
+"""A gloo group of every rank (several ranks only): collectives of host values that must not wait for the GPU."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -42,7 +45,9 @@ def init_distributed(timeout_s: float = 600) -> None:
     _share_cpu_cores()
     # DeepSpeed logs every engine's full config at INFO on every rank; keep its warnings only
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    global _nodes
+    global _nodes, _host_group
+    if world_size() > 1:
+        _host_group = torch_dist.new_group(backend="gloo", timeout=timeout)
     _nodes = int(all_reduce_sum(torch.tensor([float(is_local_rank0())]))[0]) if world_size() > 1 else 1
     if world_size() > 1:
         print0(
@@ -135,6 +140,12 @@ def device() -> torch.device:
     return torch.device(name, local_rank()) if name != "cpu" else torch.device("cpu")
 
 
+def synchronize() -> None:
+    """Wait until this rank's device has done all queued work (nothing to wait for on the CPU)."""
+    if device().type != "cpu":
+        get_accelerator().synchronize()
+
+
 def peak_memory_bytes() -> int:
     """This rank's peak memory so far: what torch allocated on the GPU (``max_memory_allocated``), or on
     a CPU-only run the process's peak resident set size (everything the process touched, not just tensors)."""
@@ -171,6 +182,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
     return out.cpu()
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: whether ``flag`` is true on some rank. It goes through a CPU (gloo) group, so the host does not
+    wait for the GPU's queued work (a NCCL all-reduce read back on the host would, every step)."""
+    if not (torch_dist.is_initialized() and world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)])
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=_host_group)
+    return bool(value[0])
 
 
 def all_gather_object(obj) -> list:

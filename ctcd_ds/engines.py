@@ -51,11 +51,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _optimizer(model: torch.nn.Module, m: MemberConfig, offload: bool) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, m: MemberConfig, *, offload: bool, fused: bool) -> torch.optim.Optimizer:
     groups = _param_groups(model, m.weight_decay)
     if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam (JIT-built on first use)
         return DeepSpeedCPUAdam(groups, lr=m.lr, betas=(m.beta1, m.beta2), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=m.lr, betas=(m.beta1, m.beta2))
+    return torch.optim.AdamW(groups, lr=m.lr, betas=(m.beta1, m.beta2), fused=fused)
 
 
 @dataclass
@@ -71,16 +71,31 @@ class Member:
         return self.cfg.trainable
 
 
-def build_engine(name: str, model: torch.nn.Module, m: MemberConfig, ds: dict[str, Any], total_steps: int) -> Member:
-    """``deepspeed.initialize`` one member with its DeepSpeed config ``ds`` (see ``ds_config.engine_config``)."""
+def build_engine(
+    name: str,
+    model: torch.nn.Module,
+    m: MemberConfig,
+    ds: dict[str, Any],
+    total_steps: int,
+    *,
+    fused_optimizer: bool = True,
+    compile: bool = False,
+) -> Member:
+    """``deepspeed.initialize`` one member with its DeepSpeed config ``ds`` (see ``ds_config.engine_config``);
+    ``fused_optimizer``: torch's fused AdamW (``train.fused_optimizer``); ``compile``: ``torch.compile`` the
+    model in place (``train.compile``: ``engine.module`` stays the model, its state-dict keys unchanged)."""
     if not m.trainable:
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         engine.eval()
+        if compile:
+            engine.compile(backend=get_accelerator().get_compile_backend())
         return Member(name, m, engine)
-    optimizer = _optimizer(model, m, offload=ds_config.offloads_optimizer(ds))
+    optimizer = _optimizer(model, m, offload=ds_config.offloads_optimizer(ds), fused=fused_optimizer)
     warmup = int(m.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(m.lr_schedule, warmup, total_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     engine.train()
+    if compile:
+        engine.compile(backend=get_accelerator().get_compile_backend())
     return Member(name, m, engine)

@@ -51,12 +51,14 @@ class SparseMLM(nn.Module):
         self.masks = structure.masks if structure is not None else None
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor, view: float = 0.0
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, predict: torch.Tensor, view: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``predict`` is a bool [batch, seq] mask of the positions to predict -> (logits [n_predict, vocab],
-        last hidden states [n_predict, hidden]). ``view`` > 0: as the sandwich sub-network at that sparsity."""
+        """``predict``: the flat indices (into batch x seq, row-major) of the positions to predict -> (logits
+        [n_predict, vocab], last hidden states [n_predict, hidden]). ``attention_mask`` None: no padding.
+        ``view`` > 0: as the sandwich sub-network at that sparsity."""
         with self.structure.view(view) if view else contextlib.nullcontext():
-            hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[predict]
+            states = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = states.flatten(0, 1).index_select(0, predict)
             return mlm_head(self.hf)(hidden), hidden
 
     @property

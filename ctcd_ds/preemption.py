@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from ctcd_ds import dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -85,6 +83,5 @@ class StopRequest:
                 return
 
     def agreed(self) -> bool:
-        """Collective: True on every rank when any rank was asked to stop."""
-        flag = torch.tensor([1.0 if self.reason is not None else 0.0])
-        return bool(dist.all_reduce_sum(flag)[0] > 0)
+        """Collective: True on every rank when any rank was asked to stop (a host-side collective, every step)."""
+        return dist.any_rank(self.reason is not None)

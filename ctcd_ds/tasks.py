@@ -188,12 +188,10 @@ class MaskedLM:
     def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
         """Logits and hidden states of one member (or its sandwich sub-network ``view``) at the batch's masked
         positions, and the true tokens there."""
-        labels = batch["labels"].to(self.device)
-        predict = labels != -100
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        ids, mask, predict, targets = _on_device(batch, self.device)
         with _set_grad(member):
             logits, hidden = member.engine(ids, mask, predict, view)
-        return Prediction(logits, labels[predict], hidden, member.engine.module.hidden_keep(view))
+        return Prediction(logits, targets, hidden, member.engine.module.hidden_keep(view))
 
     def loss(self, prediction: Prediction) -> torch.Tensor:
         return F.cross_entropy(prediction.logits.float(), prediction.targets)
@@ -220,6 +218,20 @@ class MaskedLM:
                 f"eval/{name}/accuracy": correct / max(count, 1),
             }
         return out
+
+
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A masked batch as the model takes it: (input ids, attention mask or None when no row is padded, flat indices
+    of the positions to predict, their true tokens), on ``device``.
+
+    Which positions to predict, and whether there is padding, is decided here on the host, where the loader left
+    the batch: on a GPU, boolean indexing or an all-ones test of device tensors would make the host wait for
+    the device at every forward. Without a mask, scaled-dot-product attention may take its fastest kernel."""
+    labels = batch["labels"].flatten()
+    predict = (labels != -100).nonzero().squeeze(1)
+    mask = batch["attention_mask"]
+    tensors = (batch["input_ids"], None if bool(mask.all()) else mask, predict, labels[predict])
+    return tuple(t.to(device, non_blocking=True) if t is not None else None for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------

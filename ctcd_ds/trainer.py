@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from ctcd_ds import dist, ds_config, perf
 from ctcd_ds.checkpoint import Checkpointer
+from ctcd_ds.clock import TrainingClock
 from ctcd_ds.config import FinetuneConfig, PretrainConfig, dump_yaml, to_dict
 from ctcd_ds.engines import Member, build_engine, resolve_precision
 from ctcd_ds.errors import Preempted, UserError
@@ -38,7 +38,7 @@ from ctcd_ds.monitor import Monitor
 from ctcd_ds.preemption import StopRequest
 from ctcd_ds.resume import map_loader_position, needs_universal, resume_point, saved_world_size
 from ctcd_ds.run_lock import RunLock
-from ctcd_ds.step import CoTrainingStep
+from ctcd_ds.step import CoTrainingStep, LogWindow
 from ctcd_ds.tasks import Classification, MaskedLM, Task
 from ctcd_ds.tokenizer import save_tokenizer
 
@@ -128,6 +128,7 @@ class Trainer:
         for i, (name, m) in enumerate(cfg.members.items()):
             seed_everything(cfg.seed + 1000 * i)  # same init on every rank, different per member
             module = self.task.build_module(name, m, recorded.get(name))
+            module.hf.set_attn_implementation(cfg.train.attention)
             ds = ds_config.engine_config(
                 cfg.deepspeed.template,
                 micro_batch_size=cfg.train.micro_batch_size,
@@ -137,7 +138,15 @@ class Trainer:
                 precision=self.precision,
                 load_universal=self.universal,
             )
-            members[name] = build_engine(name, module, m, ds, cfg.train.steps)
+            members[name] = build_engine(
+                name,
+                module,
+                m,
+                ds,
+                cfg.train.steps,
+                fused_optimizer=cfg.train.fused_optimizer,
+                compile=cfg.train.compile,
+            )
             role = "trainable" if m.trainable else "frozen"
             source = getattr(cfg, "copied_from", {}).get(name)
             model = f"a copy of {source}'s model ({m.model})" if source else m.model
@@ -210,6 +219,21 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.members)
 
+    def _log(self, window: LogWindow, clock: TrainingClock, bar: tqdm) -> None:
+        """Read the window's statistics (the one wait for the device between logs) and write them with the
+        window's throughput; start the next window."""
+        scalars = window.read()
+        bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
+        scalars["perf/peak_memory_gb"] = dist.peak_memory_bytes() / 2**30
+        tokens_per_s = clock.window_tokens_per_s(self.tokens_per_step)
+        if tokens_per_s is not None:
+            scalars |= {
+                "perf/step_time_s": self.tokens_per_step / tokens_per_s,  # the window's mean
+                "perf/tokens_per_s": tokens_per_s,
+            } | self._efficiency(tokens_per_s)
+        self.monitor.write(self.step, scalars)
+        clock.new_window()
+
     def train(self) -> dict[str, Any]:
         """Train to ``train.steps``; return where the outputs went and the run's throughput and memory."""
         loop = self.cfg.train
@@ -224,36 +248,27 @@ class Trainer:
         )
         last_ckpt = latest(self.out)
         final_eval = None
-        window_time, window_steps = 0.0, 0  # training steps since the last log (evaluation, checkpoints left out)
-        train_time, timed_steps = 0.0, -1  # the first step of a run (warm-up, allocations) is not timed
+        window = LogWindow(loop.grad_accum_steps)  # statistics stay on the device until a log step reads them
+        clock = TrainingClock()
         self.stop.install()
         try:
             while self.step < loop.steps:
-                t0 = time.perf_counter()
-                scalars = self.step_fn(batches, self.step)
-                step_time = time.perf_counter() - t0
+                window.add(self.step_fn(batches, self.step))
                 self.step += 1
-                window_steps += 1
-                window_time += step_time
-                timed_steps += 1
-                if timed_steps:
-                    train_time += step_time
+                clock.stepped()
                 bar.update(1)
-                bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in scalars.items() if k.endswith("/total_loss")})
                 last = self.step == loop.steps
                 if self.step % loop.log_every == 0 or last:
-                    tokens_per_s = window_steps * self.tokens_per_step / window_time
-                    scalars |= {
-                        "perf/step_time_s": step_time,
-                        "perf/tokens_per_s": tokens_per_s,
-                        "perf/peak_memory_gb": dist.peak_memory_bytes() / 2**30,
-                    } | self._efficiency(tokens_per_s)
-                    self.monitor.write(self.step, scalars)
-                    window_time, window_steps = 0.0, 0
-                if last or (loop.eval_every and self.step % loop.eval_every == 0):
-                    final_eval = self.evaluate()
-                    self.monitor.write(self.step, final_eval)
-                saved = self._save(last and self.cfg.checkpoint.at_end)
+                    self._log(window, clock, bar)
+                evaluating = last or (loop.eval_every and self.step % loop.eval_every == 0)
+                saving = self.checkpointer.due(self.step, last_step=last and self.cfg.checkpoint.at_end)
+                saved = None
+                if evaluating or saving:
+                    with clock.paused():  # evaluation and checkpoints are not training time
+                        if evaluating:
+                            final_eval = self.evaluate()
+                            self.monitor.write(self.step, final_eval)
+                        saved = self._save(last and self.cfg.checkpoint.at_end)
                 last_ckpt = saved or last_ckpt
                 if not last and self.stop.agreed():  # a signal on some rank: every rank saves this step and stops
                     last_ckpt = saved or self._save(last_step=True)
@@ -261,7 +276,7 @@ class Trainer:
         finally:
             self.stop.restore()
             bar.close()
-        tokens_per_s = timed_steps * self.tokens_per_step / train_time if timed_steps > 0 else None
+        tokens_per_s = clock.run_tokens_per_s(self.tokens_per_step)
         efficiency = self._efficiency(tokens_per_s) if tokens_per_s else {}
         return {
             "tensorboard": str(self.monitor.tb_dir),

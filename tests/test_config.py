@@ -238,6 +238,15 @@ def test_pruning_and_minidisc_mistakes_are_named(tiny):
             "--edges.0.hidden_weight=1.0",
         ): "edges.0.hidden_weight=1.0: student (hidden 128) and teacher (hidden 256) differ",
         ("--edges.0.hidden_weight=-1",): "edges.0.hidden_weight=-1.0: must be >= 0",
+        ("--train.compile=true", "--deepspeed.template=zero3"): "train.compile=true: not with deepspeed.template=zero3",
+        (
+            "--train.compile=true",
+            "--members.teacher.prune.hidden_size=128",
+        ): "train.compile=true: not with members.teacher's HomoDistil pruning",
+        (
+            "--train.compile=true",
+            "--members.student.minidisc.sandwich=[0.5]",
+        ): "train.compile=true: not with members.student's HomoDistil pruning or sandwich training",
     }
     for overrides, expected in cases.items():
         problems = problems_of([*tiny, *overrides])

@@ -9,6 +9,7 @@ from typing import Literal
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 KdLoss = Literal["fused", "reference"]
+Attention = Literal["sdpa", "eager"]
 LrSchedule = Literal["linear", "cosine", "constant"]
 WeightSchedule = Literal["constant", "linear", "cosine", "step"]
 TaskKind = Literal["auto", "classification", "regression"]
@@ -189,6 +190,19 @@ class LoopConfig:
     kd_loss: KdLoss = "fused"
     """Implementation of the distillation loss: fused (both directions of a pair in one pass; Triton on CUDA) or
     reference (plain torch, for debugging)."""
+    attention: Attention = "sdpa"
+    """Attention of every member: sdpa (torch's scaled_dot_product_attention, which picks a flash or memory-efficient
+    kernel on a GPU; pre-training blocks carry no padding mask, so the fastest applies) or eager (the plain matmul +
+    softmax of transformers, for comparison)."""
+    compile: bool = False
+    """torch.compile each member's model (DeepSpeed's engine.compile: in place, checkpoint keys unchanged); the
+    engines' backward and optimizer step stay eager. The first steps compile (tens of seconds per member on a CPU).
+    Not with a zero3 template (its per-module hooks split the graph; measured slower) nor with HomoDistil pruning
+    or sandwich training (masks swapped at run time)."""
+    fused_optimizer: bool = True
+    """Each member's AdamW as one fused kernel over all its tensors (torch's fused=True; GPU and CPU) instead of a loop
+    of per-tensor kernels; the same update up to float rounding. A ZeRO-Offload template always uses DeepSpeed's CPU
+    Adam, which is vectorised C++ either way."""
     log_every: int = 10
     """Write training scalars every N steps."""
     peak_tflops: float = 0.0

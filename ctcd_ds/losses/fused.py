@@ -21,8 +21,11 @@ the peak extra memory is one gradient-sized buffer per input plus one chunk of f
 The buffers are saved with ``save_for_backward``: after a backward without ``retain_graph`` autograd
 releases them (and a leaf input adopts the buffer as its ``.grad`` without a copy). With
 ``retain_graph=True`` a later backward rescales the buffer to its own ``grad_output``, so a gradient tensor
-obtained from an *earlier* backward of the same loss must not be kept and reused. ``backward`` reads
-``grad_output`` with ``float()`` (one device sync per loss on CUDA).
+obtained from an *earlier* backward of the same loss must not be kept and reused. On a GPU the first backward
+scales the buffer by the ``grad_output`` tensor on the device (the host never waits for it); a later one
+(``retain_graph``) reads ``grad_output`` on the host, and refuses to rescale a buffer the first one zeroed
+(a zero or non-finite ``grad_output``: the gradient is gone). On the CPU every backward reads it on the host,
+where that costs nothing, and a zero first ``grad_output`` leaves the buffer intact.
 
 float16: a gradient such as ``tau * (p_b - p_a) / N`` underflows float16 before any loss scale is applied,
 so float16 buffers hold the gradient times a known factor (``(p_a - p_b) * 1024``, or without its ``1/N``)
@@ -104,6 +107,10 @@ class _PrecomputedGradLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         saved = iter(ctx.saved_tensors)
+        first = not hasattr(ctx, "backwards")
+        ctx.backwards = getattr(ctx, "backwards", 0) + 1
+        if first and grad_output.device.type not in HOST_READ_DEVICES:
+            return _PrecomputedGradLoss._scale_on_device(ctx, grad_output, saved)
         g = float(grad_output)
         out = []
         for i, present in enumerate(ctx.present):
@@ -111,7 +118,12 @@ class _PrecomputedGradLoss(torch.autograd.Function):
             if buf is None or not ctx.needs_input_grad[3 + i]:
                 out.append(None)
                 continue
-            want, have = g * ctx.scales[i], ctx.applied[i]
+            want, have = g * ctx.scales[i], float(ctx.applied[i])
+            if have == 0.0 or not math.isfinite(have):
+                raise RuntimeError(
+                    "backward through a retained fused KD loss whose first backward had a zero or non-finite "
+                    "grad_output on the device: that gradient buffer was scaled to it in place"
+                )
             if want == have:
                 out.append(buf)
             elif want != 0.0 and math.isfinite(want):
@@ -122,6 +134,27 @@ class _PrecomputedGradLoss(torch.autograd.Function):
             else:  # zero or non-finite grad_output: leave the buffer intact, hand autograd a new tensor
                 out.append(buf * (want / have))
         return (None, None, None, *out)
+
+    @staticmethod
+    def _scale_on_device(ctx, grad_output, saved):
+        """First backward on an accelerator: scale each wanted buffer in place by ``grad_output * scale``, a
+        device tensor; nothing is read on the host."""
+        out = []
+        for i, present in enumerate(ctx.present):
+            buf = next(saved) if present else None
+            if buf is None or not ctx.needs_input_grad[3 + i]:
+                out.append(None)
+                continue
+            factor = grad_output.detach().float() * ctx.scales[i]
+            buf.data.mul_(factor)
+            ctx.applied[i] = factor
+            out.append(buf)
+        return (None, None, None, *out)
+
+
+HOST_READ_DEVICES = ("cpu",)
+"""Device types on which backward reads ``grad_output`` on the host (free there); on any other the first
+backward scales on the device."""
 
 
 def precomputed_grad_loss(

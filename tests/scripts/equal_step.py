@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ctcd_ds import dist  # noqa: E402
 from ctcd_ds.checks import check  # noqa: E402
 from ctcd_ds.config import load_config  # noqa: E402
+from ctcd_ds.step import LogWindow  # noqa: E402
 from ctcd_ds.tasks import MaskedLM  # noqa: E402
 from ctcd_ds.trainer import Trainer  # noqa: E402
 
@@ -52,7 +53,9 @@ def main() -> None:
         }
         for i in range(0, share, micro)
     ]
-    scalars = trainer.step_fn(iter(batches), 0)
+    window = LogWindow(cfg.train.grad_accum_steps)
+    window.add(trainer.step_fn(iter(batches), 0))
+    scalars = window.read()
     if dist.is_rank0():
         weights = {
             n: {k: v.detach().cpu().clone() for k, v in m.engine.module.hf.state_dict().items()}
