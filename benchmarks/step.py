@@ -67,6 +67,7 @@ def main() -> None:
             for name, trainer in runs.items():
                 t0 = time.perf_counter()
                 trainer.step_fn(iter([batch] * trainer.cfg.train.grad_accum_steps), trainer.step)
+                dist.synchronize()  # the step only queues work on a GPU
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
         for trainer in runs.values():
