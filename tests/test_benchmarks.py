@@ -90,3 +90,30 @@ def test_zero_memory_prints_each_stage_against_zero0(tmp_path):
     assert sorted(lines) == ["zero0", "zero2"], res.stdout[-2000:]
     assert lines["zero0"][1:5:2] == ["0", "100%"] and lines["zero2"][1] == "2"
     assert float(lines["zero2"][2]) < float(lines["zero0"][2])  # the partitioned state is smaller
+
+
+def test_profile_step_quick(tmp_path, tokenizer_dir):
+    """benchmarks/profile_step.py: the step's record_function phases come out of the profiler, every one of them."""
+    out = tmp_path / "profile"
+    res = run_benchmark(
+        "profile_step.py", "--quick", f"--tokenizer.path={tokenizer_dir}", "--out", str(out), timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "profile.json").read_text())
+    expected = {f"{m}/{p}" for m in ("teacher", "student") for p in ("forward", "loss", "backward", "optimizer_step")}
+    assert set(report["phases"]) == expected | {"kd_loss"}, report["phases"]
+    assert all(p["host_ms"] > 0 for p in report["phases"].values())
+    assert report["top_ops"] and "teacher/backward" in res.stdout
+
+
+def test_mfu_ablation_quick(tmp_path, tokenizer_dir):
+    """benchmarks/mfu_ablation.py: the defaults, one lever, each member alone; the table and its JSON."""
+    out = tmp_path / "ablation"
+    args = ["--quick", "--config", "ctcd", f"--tokenizer.path={tokenizer_dir}", "--out", str(out)]
+    res = run_benchmark("mfu_ablation.py", *args, "--only", "AdamW not fused", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["rows"]) == ["defaults", "AdamW not fused"]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 for r in report["rows"].values())
+    assert set(report["alone"]) == {"teacher", "student"} and report["ctcd_over_separate"] > 0
+    assert "| AdamW not fused |" in (out / "ablation.md").read_text()
