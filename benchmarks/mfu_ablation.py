@@ -3,10 +3,11 @@
     python benchmarks/mfu_ablation.py [--config ctcd_paper] [--steps 20] [--warmup 5] [--out DIR]
                                       [--only NAME ...] [--quick] [--section.key=value ...]
 
-For every variant of :data:`VARIANTS` (the defaults; one lever changed each), one process builds the recipe's
-run, trains ``--warmup`` steps, then times ``--steps`` steps as the training loop runs them (statistics read
-every ``train.log_every`` steps) and frees it before the next. Also the teacher alone and the student alone at
-the defaults, for ``CTCD / (teacher + student)``. Prints a table (tokens/s, model TFLOP/s, MFU when the
+For the defaults, the teacher alone and the student alone (for ``CTCD / (teacher + student)``), then every
+other variant of :data:`VARIANTS` (one lever changed each), one process builds the recipe's run, trains
+``--warmup`` steps, then times ``--steps`` steps as the training loop runs them (statistics read every
+``train.log_every`` steps) and frees it before the next. The report is rewritten after every variant, so a
+time limit keeps what was measured. Prints a table (tokens/s, model TFLOP/s, MFU when the
 device's peak is known, peak memory, each against the defaults) and writes it with the raw figures to
 ``--out`` (``ablation.json``, ``ablation.md``). Model FLOPs as ``ctcd_ds.perf`` counts them.
 
@@ -40,7 +41,8 @@ QUICK = ["--data.seq_len=32", "--data.max_train_blocks=64", "--train.micro_batch
 
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
-    "statistics read every step": ["--train.log_every=1"],  # what the loop did before: a device wait per step
+    # one device wait per step (the loop before 2026-11-28 also waited at every forward and KD backward)
+    "statistics read every step": ["--train.log_every=1"],
     "AdamW not fused": ["--train.fused_optimizer=false"],
     "eager attention": ["--train.attention=eager"],
     "reference KD loss": ["--train.kd_loss=reference"],
@@ -130,6 +132,20 @@ def table(rows: dict[str, dict], ratio: float | None) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, out: Path) -> None:
+    """``ablation.json`` and ``ablation.md`` of what has run so far; the ratio once the defaults and both members
+    alone have."""
+    rows, alone = report["rows"], report["alone"]
+    timed = [rows.get("defaults", {}), *(alone.get(m, {}) for m in ALONE)]
+    if all("step_ms" in r for r in timed):
+        report["ctcd_over_separate"] = timed[0]["step_ms"] / sum(r["step_ms"] for r in timed[1:])
+    (out / "ablation.json").write_text(json.dumps(report, indent=1))
+    if "tokens_per_s" in rows.get("defaults", {}):
+        text = table(rows, report["ctcd_over_separate"])
+        title = f"# MFU ablation: {report['config']} on {report['device']}, {report['steps']} steps"
+        (out / "ablation.md").write_text(f"{title}\n\n{text}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ctcd_paper", help="a recipe with a teacher and a student")
@@ -146,27 +162,26 @@ def main() -> None:
     variants = VARIANTS | {"micro-batch x2": [f"--train.micro_batch_size={2 * micro}"]}
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "defaults" or k in args.only}
-    rows: dict[str, dict] = {}
-    for name, extra in variants.items():
-        print(f"== {name} {' '.join(extra)}", flush=True)
-        try:
-            rows[name] = run_variant(args.config, [*overrides, *extra], args.warmup, args.steps)
-        except Exception as exc:  # noqa: BLE001 (e.g. out of memory: a row that says so, the others still run)
-            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(rows[name]), flush=True)
-    alone = {m: run_variant(args.config, overrides, args.warmup, args.steps, alone=m) for m in ALONE}
-    ratio = None
-    if "error" not in rows["defaults"]:
-        ratio = rows["defaults"]["step_ms"] / sum(alone[m]["step_ms"] for m in ALONE)
-    text = table(rows, ratio)
-    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if dist.device().type == "cuda" else "cpu"
-    report = {"config": args.config, "overrides": overrides, "device": device, "steps": args.steps, "rows": rows}
-    report |= {"alone": alone, "ctcd_over_separate": ratio}
-    (out / "ablation.json").write_text(json.dumps(report, indent=1))
-    (out / "ablation.md").write_text(f"# MFU ablation: {args.config} on {device}, {args.steps} steps\n\n{text}\n")
+    report = {"config": args.config, "overrides": overrides, "device": device, "steps": args.steps}
+    report |= {"rows": {}, "alone": {}, "ctcd_over_separate": None}
+    # the defaults and each member alone first (the goal's figures), then the levers; the report is rewritten after
+    # every run, so a time limit or a crash keeps what was measured
+    runs = [("defaults", [], None)] + [(m, [], m) for m in ALONE]
+    runs += [(name, extra, None) for name, extra in variants.items() if name != "defaults"]
+    for name, extra, alone in runs:
+        print(f"== {name if not alone else name + ' alone'} {' '.join(extra)}", flush=True)
+        try:
+            row = run_variant(args.config, [*overrides, *extra], args.warmup, args.steps, alone=alone)
+        except Exception as exc:  # noqa: BLE001 (e.g. out of memory: a row that says so, the others still run)
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(row), flush=True)
+        report["alone" if alone else "rows"][name] = row
+        write_report(report, out)
+    if "tokens_per_s" in report["rows"]["defaults"]:
+        print(table(report["rows"], report["ctcd_over_separate"]))
     dist.cleanup()
 
 

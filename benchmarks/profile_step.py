@@ -7,9 +7,11 @@ Builds the recipe's run through the real engines (one process), runs ``--warmup`
 ``--steps`` steps (CPU activity, and CUDA kernels on a GPU). The step marks its phases with ``record_function``
 (``ctcd_ds/step.py``): each member's ``forward``, ``loss`` and ``backward`` (DeepSpeed's gradient hooks and
 reductions run inside it), the ``kd_loss`` of every edge, and each member's ``optimizer_step`` (DeepSpeed's
-step: clipping, the optimizer, ZeRO's partition updates). Prints, per phase, host time and (GPU) device time
-as a share of the step, the device's busy share of the wall time (the rest: the GPU waits for the host --
-launch gaps and syncs), and the operators that take the most time. Writes ``profile.json`` (and with
+step: clipping, the optimizer, ZeRO's partition updates). Prints, per phase, host time (the profiler's range)
+and, on a GPU, device time (CUDA events around the phase on the stream, idle gaps inside it included) as a
+share of the step; the device's busy share of the wall time (every kernel's time once; the rest: the GPU
+waits for the host -- launch gaps and syncs); and the operators that take the most time (device time of the
+kernels they launch on a GPU, own host time on a CPU). Writes ``profile.json`` (and with
 ``--trace`` a Chrome trace, for chrome://tracing or Perfetto) into ``--out``.
 """
 
@@ -20,14 +22,18 @@ import json
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctcd_ds import dist  # noqa: E402
+from ctcd_ds import step as co_training_step  # noqa: E402
 from ctcd_ds.checks import check  # noqa: E402
 from ctcd_ds.config import load_config  # noqa: E402
 from ctcd_ds.tasks import MaskedLM  # noqa: E402
@@ -39,12 +45,33 @@ QUICK = ["--data.seq_len=32", "--data.max_train_blocks=64", "--train.micro_batch
 PHASES = ("forward", "loss", "backward", "optimizer_step")
 
 
-def _device_us(event) -> float:
-    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-
-
 def _self_device_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+class PhaseEvents:
+    """Stands in for ``record_function`` in ``ctcd_ds.step``: the same profiler range, plus (on a GPU) a CUDA event
+    pair around the phase. The time between them on the stream is the phase's device time, its backward
+    included (autograd runs a GPU backward on its own thread, outside the range the profiler sees)."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+        self.spans: dict[str, list] = defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str):
+        with record_function(name):
+            if not self.on_gpu:
+                yield
+                return
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans[name].append((start, end))
+
+    def device_ms(self, name: str) -> float:
+        return sum(start.elapsed_time(end) for start, end in self.spans.get(name, ()))
 
 
 def phase_names(members: list[str]) -> list[str]:
@@ -76,6 +103,8 @@ def main() -> None:
         dist.synchronize()
         on_gpu = dist.device().type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        phase_events = PhaseEvents(on_gpu)
+        co_training_step.record_function = phase_events  # the step's phases, timed on the device too
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for step in range(args.warmup, args.warmup + args.steps):
@@ -87,20 +116,22 @@ def main() -> None:
     if args.trace:
         prof.export_chrome_trace(str(out / "trace.json"))
     events = prof.key_averages()
-    by_name = {e.key: e for e in events}
+    # every name appears once per device type: host ops and ranges are CPU entries (their device time: the kernels
+    # launched inside them); each kernel is a CUDA entry too, and a range also gets a CUDA annotation entry
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    by_name = {e.key: e for e in host}
     phases = {}
     for name in phase_names(members):
         e = by_name.get(name)
         if e is not None:
             phases[name] = {
                 "host_ms": e.cpu_time_total / 1e3 / args.steps,
-                "device_ms": _device_us(e) / 1e3 / args.steps,
+                "device_ms": phase_events.device_ms(name) / args.steps,
             }
-    # the device's busy time: every kernel's own time (user ranges and CPU operators hold none of their own)
-    busy_us = sum(_self_device_us(e) for e in events) if on_gpu else None
-    top = sorted(
-        (e for e in events if e.key not in phases), key=lambda e: -(_self_device_us(e) or e.self_cpu_time_total)
-    )
+    busy_us = sum(_self_device_us(e) for e in kernels) if on_gpu else None  # each kernel counted once
+    ops = [e for e in host if e.key not in phases]
+    top = sorted(ops, key=lambda e: -(_self_device_us(e) if on_gpu else e.self_cpu_time_total))
     report = {
         "config": args.config,
         "overrides": overrides,

@@ -189,6 +189,10 @@ def any_rank(flag: bool) -> bool:
     wait for the GPU's queued work (a NCCL all-reduce read back on the host would, every step)."""
     if not (torch_dist.is_initialized() and world_size() > 1):
         return flag
+    if _host_group is None:  # the process group was made elsewhere: the default group, on its device
+        value = torch.tensor([int(flag)], device=device())
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.cpu()[0])
     value = torch.tensor([int(flag)])
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=_host_group)
     return bool(value[0])

@@ -226,7 +226,9 @@ def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[to
 
     Which positions to predict, and whether there is padding, is decided here on the host, where the loader left
     the batch: on a GPU, boolean indexing or an all-ones test of device tensors would make the host wait for
-    the device at every forward. Without a mask, scaled-dot-product attention may take its fastest kernel."""
+    the device at every forward (the copies: ``non_blocking``; the loader's tensors are page-locked on a GPU, the
+    two index tensors made here are staged by the driver). Without a mask, scaled-dot-product attention may take
+    its fastest kernel."""
     labels = batch["labels"].flatten()
     predict = (labels != -100).nonzero().squeeze(1)
     mask = batch["attention_mask"]
@@ -314,10 +316,12 @@ class Classification:
 
     def forward(self, member: Member, batch: dict[str, torch.Tensor], view: float = 0.0) -> Prediction:
         assert view == 0.0, "sandwich views are a pre-training feature"
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        ids, mask, labels = (
+            batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")
+        )
         with _set_grad(member):
             logits = member.engine(ids, mask)
-        return Prediction(logits, batch["labels"].to(self.device))
+        return Prediction(logits, labels)
 
     def loss(self, prediction: Prediction) -> torch.Tensor:
         if self.kind == "regression":

@@ -133,13 +133,16 @@ def test_fused_adamw_and_attention_reach_every_engine_and_train_alike(tmp_path, 
                 assert torch_adamw.param_groups[0]["fused"] is (name == "default")
                 assert m.engine.module.hf.config._attn_implementation == ("sdpa" if name == "default" else "eager")
             window = LogWindow(1)
-            for s in _steps(trainer, 3):
+            losses[name] = []
+            for s in _steps(trainer, 3):  # each step read on its own: the levers differ from the second step on
                 window.add(s)
-            losses[name] = window.read()
+                losses[name].append(window.read())
         finally:
             trainer.close()
-    for key in ("teacher/mlm_loss", "student/mlm_loss", "teacher/kd_loss_from_student"):
-        assert losses["default"][key] == pytest.approx(losses["unfused_eager"][key], rel=1e-4), key
+    for step in range(3):
+        for key in ("teacher/mlm_loss", "student/mlm_loss", "teacher/kd_loss_from_student"):
+            got, expected = losses["unfused_eager"][step][key], losses["default"][step][key]
+            assert got == pytest.approx(expected, rel=1e-4), (step, key)
 
 
 def test_compiled_members_train_like_eager_ones(tmp_path, tokenizer_dir, monkeypatch):
@@ -164,3 +167,45 @@ def test_compiled_members_train_like_eager_ones(tmp_path, tokenizer_dir, monkeyp
     assert keys[True] == keys[False] and not any("_orig_mod" in k for k in keys[True])
     for key in ("teacher/mlm_loss", "student/mlm_loss", "student/kd_loss_from_teacher"):
         assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-4), key
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+
+
+@CUDA
+def test_cuda_forward_and_losses_do_not_wait_for_the_device(tiny):
+    """On a GPU, every member's forward, the edges' KD losses and the task losses under
+    ``torch.cuda.set_sync_debug_mode("error")``: any operation that makes the host wait raises (boolean-mask
+    indexing, nonzero, .item(), blocking copies...), whichever code calls it."""
+    from ctcd_ds.step import edge_losses
+
+    trainer = _trainer(tiny)
+    try:
+        batch = next(iter(trainer.task.loader))
+        trainer.task.forward(trainer.members["teacher"], batch)  # warm-up outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            preds = {n: trainer.task.forward(m, batch) for n, m in trainer.members.items()}
+            kd = edge_losses({n: p.logits for n, p in preds.items()}, trainer.graph.edges, "fused")
+            losses = [trainer.task.loss(p) for p in preds.values()] + list(kd.values())
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(torch.isfinite(x).item() for x in losses)
+    finally:
+        trainer.close()
+
+
+@CUDA
+def test_cuda_fused_loss_backward_does_not_wait_for_the_device():
+    a, b = (x.cuda().requires_grad_() for x in (t.detach() for t in _pair()))
+    ref_a, ref_b = (x.detach().clone().requires_grad_() for x in (a, b))
+    bidirectional_kl(ref_a, ref_b, 2.0).loss_ab.backward()
+    out = bidirectional_kl(a, b, 2.0)
+    weight = torch.tensor(0.375, device="cuda")  # e.g. an edge weight over gradient accumulation, on the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (weight * out.loss_ab).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(b.grad, 0.375 * ref_b.grad)

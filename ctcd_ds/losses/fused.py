@@ -22,7 +22,8 @@ The buffers are saved with ``save_for_backward``: after a backward without ``ret
 releases them (and a leaf input adopts the buffer as its ``.grad`` without a copy). With
 ``retain_graph=True`` a later backward rescales the buffer to its own ``grad_output``, so a gradient tensor
 obtained from an *earlier* backward of the same loss must not be kept and reused. On a GPU the first backward
-scales the buffer by the ``grad_output`` tensor on the device (the host never waits for it); a later one
+scales a float32/bfloat16 buffer by the ``grad_output`` tensor on the device (the host never waits for it;
+float16 buffers: :data:`DEVICE_SCALED_DTYPES`); a later one
 (``retain_graph``) reads ``grad_output`` on the host, and refuses to rescale a buffer the first one zeroed
 (a zero or non-finite ``grad_output``: the gradient is gone). On the CPU every backward reads it on the host,
 where that costs nothing, and a zero first ``grad_output`` leaves the buffer intact.
@@ -109,7 +110,11 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         first = not hasattr(ctx, "backwards")
         ctx.backwards = getattr(ctx, "backwards", 0) + 1
-        if first and grad_output.device.type not in HOST_READ_DEVICES:
+        if (
+            first
+            and grad_output.device.type not in HOST_READ_DEVICES
+            and all(b.dtype in DEVICE_SCALED_DTYPES for b in ctx.saved_tensors)
+        ):
             return _PrecomputedGradLoss._scale_on_device(ctx, grad_output, saved)
         g = float(grad_output)
         out = []
@@ -145,7 +150,8 @@ class _PrecomputedGradLoss(torch.autograd.Function):
             if buf is None or not ctx.needs_input_grad[3 + i]:
                 out.append(None)
                 continue
-            factor = grad_output.detach().float() * ctx.scales[i]
+            factor = grad_output.detach().to(torch.float64 if buf.dtype == torch.float64 else torch.float32)
+            factor = factor * ctx.scales[i]
             buf.data.mul_(factor)
             ctx.applied[i] = factor
             out.append(buf)
@@ -155,6 +161,12 @@ class _PrecomputedGradLoss(torch.autograd.Function):
 HOST_READ_DEVICES = ("cpu",)
 """Device types on which backward reads ``grad_output`` on the host (free there); on any other the first
 backward scales on the device."""
+
+DEVICE_SCALED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+"""Buffers the first backward may scale on the device. A GPU kernel multiplies a bfloat16 buffer by the factor
+rounded to bfloat16 (relative error at most 2**-9, the precision of the bfloat16 gradient itself); a float16
+buffer holds its gradient times 1024 / N, and a factor of order N / 1024 x a loss scale x a weight rounded to
+float16 could underflow, so float16 keeps the host read (its loss scaling reads the device every step anyway)."""
 
 
 def precomputed_grad_loss(
