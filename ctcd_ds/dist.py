@@ -172,7 +172,12 @@ def live_tensor_bytes() -> int:
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == dev:
             storage = obj.untyped_storage()
-            sizes[storage.data_ptr()] = storage.nbytes()
+            try:
+                pointer = storage.data_ptr()
+            except RuntimeError:  # no memory of its own: the functional tensors torch.compile keeps from tracing
+                continue
+            if pointer:  # 0: no memory either (fake tensors of tracing, empty tensors)
+                sizes[pointer] = storage.nbytes()
     return sum(sizes.values())
 
 

@@ -164,6 +164,7 @@ def test_compiled_members_train_like_eager_ones(tmp_path, tokenizer_dir, monkeyp
             losses[compiled] = window.read()
         finally:
             trainer.close()
+    torch._dynamo.reset()  # no compiled code or fake tensors left for the tests that follow
     assert keys[True] == keys[False] and not any("_orig_mod" in k for k in keys[True])
     for key in ("teacher/mlm_loss", "student/mlm_loss", "student/kd_loss_from_teacher"):
         assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-4), key
@@ -209,3 +210,20 @@ def test_cuda_fused_loss_backward_does_not_wait_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(b.grad, 0.375 * ref_b.grad)
+
+
+def test_a_compiled_run_trains_summarises_and_exports(tiny):
+    """train.compile through the whole run: training, the end-of-run summary (which walks every live tensor, and
+    compiled code leaves tensors without memory behind), checkpoint and export."""
+    import torch._inductor.config
+
+    from conftest import run
+
+    torch._inductor.config.fallback_random = True
+    try:
+        summary, out = run([*tiny, "--train.compile=true", "--train.steps=2", "--train.eval_every=0"])
+    finally:
+        torch._inductor.config.fallback_random = False
+        torch._dynamo.reset()
+    assert summary["tokens_per_s"] > 0 and summary["memory_per_rank"][0]["tensors_gb"] > 0
+    assert (out / "export" / "student" / "config.json").is_file()

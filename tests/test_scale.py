@@ -169,3 +169,8 @@ def test_live_tensor_bytes_counts_every_storage_once():
     grown = dist.live_tensor_bytes() - before
     assert grown == pytest.approx(4_000_000, rel=0.01), grown
     del big, views
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # what torch.compile leaves in memory after tracing: no storage of its own
+        fake = torch.zeros(1_000_000)
+    assert dist.live_tensor_bytes() == pytest.approx(before, rel=0.01) and fake.shape == (1_000_000,)
