@@ -558,6 +558,12 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
         problems.append(f"temperature={exp.temperature}: must be > 0")
     if not exp.seeds:
         problems.append("seeds: give at least one fine-tuning seed")
+    for key in ("teacher", "student"):
+        model = getattr(exp, key)
+        if model and is_pretrained_path(model) and not (Path(model) / "config.json").is_file():
+            problems.append(
+                f"{key}={model}: neither a model preset ({', '.join(PRESETS)}) nor a model directory with a config.json"
+            )
     for key in ("pretrain_steps", "pretrain_batch", "finetune_steps", "pretrain_lr", "finetune_lr"):
         if getattr(exp, key) <= 0:
             problems.append(f"{key}={getattr(exp, key)}: must be > 0")

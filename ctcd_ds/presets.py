@@ -22,6 +22,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny-teacher": Preset(4, 256, 4, 1024, note="CPU default teacher (~3M params + embeddings)"),
     "tiny-student": Preset(2, 128, 2, 512, note="CPU default student"),
+    "ratio-teacher": Preset(6, 256, 4, 1024, note="6L-256: the papers' depth ratio (6 -> 4 layers) at a CPU width"),
+    "ratio-student": Preset(4, 256, 4, 1024, note="4L-256 (~0.77x ratio-teacher's parameters, bundled vocabulary)"),
     "paper-teacher": Preset(6, 768, 12, 3072, note="6L-768, the DWT/CTCD papers' larger model (~67M)"),
     "paper-student": Preset(4, 768, 12, 3072, note="4L-768, the papers' smaller model (~52M)"),
     "bert-base": Preset(12, 768, 12, 3072, note="BERT-base shape (12L-768)"),

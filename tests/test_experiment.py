@@ -27,6 +27,29 @@ def test_bad_experiment_settings_are_named():
     assert any(p.startswith("peer_weight=-1.0:") for p in problems)
 
 
+def test_the_pair_by_scale_or_by_presets(tmp_path):
+    """scale=ratio is the papers' depth ratio (6L -> 4L) at width 256, ~0.77x the parameters with the bundled
+    vocabulary (the tiny pair is ~0.28x); teacher/student override either member; a name that is neither a
+    preset nor a model directory is refused."""
+    from ctcd_ds.models import parameters_of
+
+    def models(*args: str) -> dict[str, str]:
+        exp = load_config(None, [f"--output_dir={tmp_path}", *args], ExperimentConfig)
+        assert experiment_problems(exp) == []
+        return {n: m.model for n, m in pretrain_config(exp, "ctcd").members.items()}
+
+    assert models() == {"teacher": "tiny-teacher", "student": "tiny-student"}
+    assert models("--scale=ratio") == {"teacher": "ratio-teacher", "student": "ratio-student"}
+    assert models("--scale=ratio", "--student=tiny-teacher") == {"teacher": "ratio-teacher", "student": "tiny-teacher"}
+    assert models("--teacher=paper-teacher", "--student=paper-student")["teacher"] == "paper-teacher"
+    vocab = 7983  # the bundled corpus's tokenizer
+    ratio = parameters_of("ratio-student", vocab, 0) / parameters_of("ratio-teacher", vocab, 0)
+    tiny = parameters_of("tiny-student", vocab, 0) / parameters_of("tiny-teacher", vocab, 0)
+    assert 0.74 < ratio < 0.80 and 0.25 < tiny < 0.31, (ratio, tiny)
+    bad = load_config(None, [f"--output_dir={tmp_path}", "--teacher=no-such-model"], ExperimentConfig)
+    assert any(p.startswith("teacher=no-such-model: neither a model preset") for p in experiment_problems(bad))
+
+
 def test_each_variant_puts_each_weight_on_its_edge(tmp_path):
     exp = load_config(
         None,

@@ -114,7 +114,13 @@ class ExperimentConfig:
     """Each stage writes below it (pretrain/VARIANT, finetune/MODEL-seedS); results.md, results.json and results.png at
     the top. Finished stages are skipped when run again."""
     scale: Scale = "tiny"
-    """tiny = the CPU pair (4L-256 and 2L-128); paper = 6L-768 and 4L-768, for GPUs."""
+    """The teacher/student pair: tiny = the CPU pair (4L-256 and 2L-128, the student 0.28x the teacher's
+    parameters); ratio = 6L-256 and 4L-256, the papers' depth ratio at a CPU width (0.77x); paper = 6L-768 and
+    4L-768, for GPUs. `teacher` and `student` override either member."""
+    teacher: str = ""
+    """The larger member's model: a preset (`ctcd-ds presets`) or a pretrained model directory. Empty: the scale's."""
+    student: str = ""
+    """The smaller member's model: a preset or a pretrained model directory. Empty: the scale's."""
     quick: bool = False
     """A smoke run of tens of steps (what the tests run): overrides the step counts and example limits below."""
     pretrain_steps: int = 1000

@@ -13,7 +13,7 @@ Attention = Literal["sdpa", "eager"]
 LrSchedule = Literal["linear", "cosine", "constant"]
 WeightSchedule = Literal["constant", "linear", "cosine", "step"]
 TaskKind = Literal["auto", "classification", "regression"]
-Scale = Literal["tiny", "paper"]
+Scale = Literal["tiny", "ratio", "paper"]
 Variant = Literal["standalone", "kd", "ctcd", "community_kd"]
 
 

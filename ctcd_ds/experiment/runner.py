@@ -17,7 +17,7 @@ from ctcd_ds import dist
 from ctcd_ds.checks import check
 from ctcd_ds.config import ExperimentConfig
 from ctcd_ds.experiment.report import ModelResult, Results, write_report
-from ctcd_ds.experiment.variants import MODELS, Model, Paths, finetune_config, pretrain_config, steps_for
+from ctcd_ds.experiment.variants import MODELS, Model, Paths, finetune_config, pair, pretrain_config, steps_for
 from ctcd_ds.layout import METRICS_FILE
 from ctcd_ds.trainer import run_finetune, run_pretrain
 
@@ -76,11 +76,13 @@ class Experiment:
 
     def _setup(self) -> str:
         cfg = self.exp
+        teacher, student = pair(cfg)
         alpha = (
             cfg.alpha if cfg.alpha_schedule == "constant" else f"{cfg.alpha}→{cfg.alpha_final} ({cfg.alpha_schedule})"
         )
         return (
-            f"{cfg.scale} scale{' (quick)' if cfg.quick else ''}; pre-training {steps_for(cfg, 'pretrain_steps')} "
+            f"{cfg.scale} scale, teacher {teacher} ↔ student {student}{' (quick)' if cfg.quick else ''}; "
+            f"pre-training {steps_for(cfg, 'pretrain_steps')} "
             "steps × batch "
             f"{steps_for(cfg, 'pretrain_batch')}, lr {cfg.pretrain_lr}, τ={cfg.temperature}, α={alpha}, β={cfg.beta}, "
             f"peer weight {cfg.peer_weight}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "

@@ -19,7 +19,12 @@ QUICK = {
     "max_train_examples": 512,
     "max_dev_examples": 128,
 }
-SCALES = {"tiny": ("tiny-teacher", "tiny-student"), "paper": ("paper-teacher", "paper-student")}
+SCALES = {
+    "tiny": ("tiny-teacher", "tiny-student"),
+    "ratio": ("ratio-teacher", "ratio-student"),
+    "paper": ("paper-teacher", "paper-student"),
+}
+"""The (teacher, student) presets of each ``scale``."""
 BIG, SMALL, TEACHER = "big", "small", "standalone teacher"
 """What a member starts from: the scale's larger preset, its smaller preset, or the standalone run's teacher."""
 
@@ -78,6 +83,12 @@ MODELS = (
 )
 
 
+def pair(exp: ExperimentConfig) -> tuple[str, str]:
+    """The (teacher, student) models of an experiment: its scale's presets, or ``teacher`` / ``student``."""
+    big, small = SCALES[exp.scale]
+    return exp.teacher or big, exp.student or small
+
+
 def steps_for(exp: ExperimentConfig, key: str) -> int:
     """A step count or limit of the experiment, the quick one in quick mode."""
     return QUICK[key] if exp.quick else getattr(exp, key)
@@ -111,7 +122,7 @@ def pretrain_config(exp: ExperimentConfig, name: str) -> PretrainConfig:
     cfg.checkpoint.every = 0
     if exp.quick:
         cfg.data.max_train_blocks, cfg.train.eval_batches, cfg.data.seq_len = 256, 2, 64
-    big, small = SCALES[exp.scale]
+    big, small = pair(exp)
     teacher = str(paths.export_dir(MODELS[0]))
     starts = {BIG: big, SMALL: small, TEACHER: teacher}
     assert set(cfg.members) == set(variant.starts), (name, list(cfg.members))
