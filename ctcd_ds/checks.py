@@ -363,9 +363,11 @@ def _vocab_problems(cfg: PretrainConfig, hf_configs: dict[str, object], problems
 
 def _train_problems(cfg: PretrainConfig | FinetuneConfig, problems: list[str]) -> None:
     tr = cfg.train
-    for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
-        if hasattr(tr, key) and getattr(tr, key) <= 0:
+    for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        if getattr(tr, key) <= 0:
             problems.append(f"train.{key}={getattr(tr, key)}: must be > 0")
+    if getattr(tr, "eval_batches", 0) < 0:
+        problems.append(f"train.eval_batches={tr.eval_batches}: must be >= 0 (0 = the whole held-out split)")
     if tr.eval_every < 0:
         problems.append(f"train.eval_every={tr.eval_every}: must be >= 0")
     if tr.grad_clip < 0:
@@ -556,8 +558,12 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
             problems.append(f"{key}={getattr(exp, key)}: edge weights must be >= 0")
     if exp.temperature <= 0:
         problems.append(f"temperature={exp.temperature}: must be > 0")
-    if not exp.seeds:
-        problems.append("seeds: give at least one fine-tuning seed")
+    for key, what in (("pretrain_seeds", "pre-training"), ("seeds", "fine-tuning")):
+        seeds = getattr(exp, key)
+        if not seeds:
+            problems.append(f"{key}: give at least one {what} seed")
+        elif len(set(seeds)) != len(seeds):
+            problems.append(f"{key}={seeds}: a seed is given twice")
     for key in ("teacher", "student"):
         model = getattr(exp, key)
         if model and is_pretrained_path(model) and not (Path(model) / "config.json").is_file():

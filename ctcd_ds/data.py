@@ -395,7 +395,8 @@ class SharedLoader:
 def eval_batches(
     dataset: datasets.Dataset, collator: Callable, batch_size: int, limit: int, seed: int
 ) -> list[dict[str, torch.Tensor]]:
-    """The fixed held-out batches of this rank (same masks at every evaluation)."""
+    """The fixed held-out batches of this rank (same masks at every evaluation): the first ``limit``, or with
+    ``limit`` 0 every full batch of the split (one pass)."""
     per_rank = max(1, len(dataset) // dist.world_size())
     loader = SharedLoader(dataset, collator, min(batch_size, per_rank), seed + 1, shuffle=False)
-    return [b for b, _ in zip(loader, range(limit))]
+    return list(loader) if limit == 0 else [b for b, _ in zip(loader, range(limit))]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ctcd_ds.config import DataConfig
-from ctcd_ds.data import MaskingCollator, SharedLoader, load_blocks
+from ctcd_ds.data import MaskingCollator, SharedLoader, eval_batches, load_blocks
 from ctcd_ds.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 
@@ -74,3 +74,13 @@ def test_loader_resumes_at_the_exact_next_batch(tokenizer_dir):
     assert not torch.equal(seen[0]["input_ids"], seen[5]["input_ids"])  # new epoch, new order
     workers = SharedLoader(train, collator, batch_size=8, seed=3, num_workers=2)
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(seen[:3], itertools.islice(iter(workers), 3)))
+
+
+def test_eval_batches_zero_is_the_whole_held_out_split(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    blocks, _ = load_blocks(DataConfig(seq_len=32, max_train_blocks=43), tok, seed=0)
+    collator = MaskingCollator(tok, 0.15)
+    everything = eval_batches(blocks, collator, batch_size=8, limit=0, seed=1)
+    assert len(everything) == len(blocks) // 8 == 5  # every full batch, once
+    first_two = eval_batches(blocks, collator, batch_size=8, limit=2, seed=1)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(everything, first_two))

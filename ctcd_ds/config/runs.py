@@ -144,8 +144,11 @@ class ExperimentConfig:
     """Weight of teacher -> student in CTCD, KD and Community KD."""
     peer_weight: float = 1.0
     """Community KD: weight of the student <-> student peer edges (1, as in the paper's Community KD)."""
+    pretrain_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Pre-training seeds: every variant is pre-trained once per seed (initialisation, data order, masks, dropout),
+    the same seeds for every variant, so that variants are compared seed by seed (paired)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    """Fine-tuning seeds of every model."""
+    """Fine-tuning seeds of every pre-trained model."""
     finetune_steps: int = 200
     """Fine-tuning steps of every model and seed."""
     finetune_lr: float = 3e-4

@@ -217,7 +217,7 @@ class PretrainLoopConfig(LoopConfig):
     """The pre-training loop."""
 
     eval_batches: int = 20
-    """Held-out micro-batches per evaluation and rank."""
+    """Held-out micro-batches per evaluation and rank. 0 = the whole held-out split (every full micro-batch)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from datetime import date
 
 from safetensors import safe_open
@@ -30,23 +31,25 @@ class Experiment:
 
     def run(self) -> str:
         """Run every stage not done yet; rank 0 writes the report. Returns the printed summary."""
-        for variant in self.exp.variants:
-            exports = [self.paths.export_dir(m) / "config.json" for m in self.models if m.variant == variant]
-            if dist.broadcast_object(all(p.is_file() for p in exports)):
-                dist.print0(f"[experiment] pretrain {variant}: done already, skipped")
-                continue
-            dist.print0(f"[experiment] pretrain {variant}")
-            cfg = pretrain_config(self.exp, variant)
-            check(cfg)
-            run_pretrain(cfg)
-        for model in self.models:
-            for seed in self.exp.seeds:
-                if dist.broadcast_object((self.paths.finetune_dir(model, seed) / "results.json").is_file()):
+        for pseed in self.exp.pretrain_seeds:
+            for variant in self.exp.variants:
+                exports = [self.paths.export_dir(m, pseed) / "config.json" for m in self.models if m.variant == variant]
+                if dist.broadcast_object(all(p.is_file() for p in exports)):
+                    dist.print0(f"[experiment] pretrain {variant}, seed {pseed}: done already, skipped")
                     continue
-                dist.print0(f"[experiment] fine-tune {model.label}, seed {seed}")
-                cfg = finetune_config(self.exp, model, seed)
+                dist.print0(f"[experiment] pretrain {variant}, seed {pseed}")
+                cfg = pretrain_config(self.exp, variant, pseed)
                 check(cfg)
-                run_finetune(cfg)
+                run_pretrain(cfg)
+        for pseed in self.exp.pretrain_seeds:
+            for model in self.models:
+                for seed in self.exp.seeds:
+                    if dist.broadcast_object((self.paths.finetune_dir(model, pseed, seed) / "results.json").is_file()):
+                        continue
+                    dist.print0(f"[experiment] fine-tune {model.label} (pre-training seed {pseed}), seed {seed}")
+                    cfg = finetune_config(self.exp, model, pseed, seed)
+                    check(cfg)
+                    run_finetune(cfg)
         summary = write_report(self.results(), self.paths.out) if dist.is_rank0() else ""
         dist.barrier()
         return summary
@@ -54,22 +57,33 @@ class Experiment:
     def results(self) -> Results:
         rows, metric = [], ""
         for model in self.models:
-            scores = []
-            for seed in self.exp.seeds:
-                results = json.loads((self.paths.finetune_dir(model, seed) / "results.json").read_text())
-                metric = results["main_metric"]
-                scores.append(next(iter(results["members"]["model"].values()))[metric])
-            steps, losses = self._curve(model)
+            scores, losses, accuracies, curves = [], [], [], []
+            for pseed in self.exp.pretrain_seeds:
+                per_seed = []
+                for seed in self.exp.seeds:
+                    results = json.loads((self.paths.finetune_dir(model, pseed, seed) / "results.json").read_text())
+                    metric = results["main_metric"]
+                    per_seed.append(next(iter(results["members"]["model"].values()))[metric])
+                scores.append(per_seed)
+                final = self._pretrain_eval(model, pseed)
+                losses.append(final["mlm_loss"])
+                accuracies.append(final["accuracy"])
+                curves.append(self._curve(model, pseed))
+            steps = curves[0][0]
+            mean_curve = [statistics.fmean(c[1][i] for c in curves) for i in range(len(steps))]
+            params = self._params(model, self.exp.pretrain_seeds[0])
             rows.append(
                 ModelResult(
                     model.label,
                     model.variant,
                     model.member,
-                    self._params(model),
-                    self._pretrain_eval(model),
+                    params,
+                    list(self.exp.pretrain_seeds),
+                    losses,
+                    accuracies,
                     scores,
                     steps,
-                    losses,
+                    mean_curve,
                 )
             )
         return Results(self._setup(), metric, self._task_name(), rows)
@@ -86,29 +100,30 @@ class Experiment:
             "steps × batch "
             f"{steps_for(cfg, 'pretrain_batch')}, lr {cfg.pretrain_lr}, τ={cfg.temperature}, α={alpha}, β={cfg.beta}, "
             f"peer weight {cfg.peer_weight}; fine-tuning {steps_for(cfg, 'finetune_steps')} steps, "
-            f"lr {cfg.finetune_lr}, seeds {cfg.seeds}; {date.today().isoformat()}"
+            f"lr {cfg.finetune_lr}; pre-training seeds {cfg.pretrain_seeds} x fine-tuning seeds {cfg.seeds}; "
+            f"{date.today().isoformat()}"
         )
 
     def _task_name(self) -> str:
         t = self.exp.task
         return t.glue or (t.train_file.rsplit("/", 1)[-1] if t.train_file else "SST-2 (bundled)")
 
-    def _pretrain_eval(self, model: Model) -> dict[str, float]:
-        """The last held-out MLM numbers of a model's pre-training run."""
+    def _pretrain_eval(self, model: Model, pseed: int) -> dict[str, float]:
+        """The last held-out MLM numbers (mlm_loss, perplexity, accuracy) of a model's pre-training run."""
         last: dict[str, float] = {}
-        for line in (self.paths.run_dir(model.variant) / METRICS_FILE).read_text().splitlines():
+        for line in (self.paths.run_dir(model.variant, pseed) / METRICS_FILE).read_text().splitlines():
             row = json.loads(line)
             if f"eval/{model.member}/perplexity" in row:
                 last = {k.rsplit("/", 1)[1]: v for k, v in row.items() if k.startswith(f"eval/{model.member}/")}
         return last
 
-    def _params(self, model: Model) -> int:
-        with safe_open(str(self.paths.export_dir(model) / "model.safetensors"), framework="pt") as f:
+    def _params(self, model: Model, pseed: int) -> int:
+        with safe_open(str(self.paths.export_dir(model, pseed) / "model.safetensors"), framework="pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
-    def _curve(self, model: Model) -> tuple[list[int], list[float]]:
+    def _curve(self, model: Model, pseed: int) -> tuple[list[int], list[float]]:
         """Held-out MLM loss over pre-training steps, read back from the run's TensorBoard events."""
-        acc = EventAccumulator(str(self.paths.run_dir(model.variant) / "tensorboard"))
+        acc = EventAccumulator(str(self.paths.run_dir(model.variant, pseed) / "tensorboard"))
         acc.Reload()
         events = acc.Scalars(f"eval/{model.member}/mlm_loss")
         return [e.step for e in events], [e.value for e in events]

@@ -95,35 +95,40 @@ def steps_for(exp: ExperimentConfig, key: str) -> int:
 
 
 class Paths:
-    """Where each stage of an experiment writes."""
+    """Where each stage of an experiment writes: one pre-training run per variant and pre-training seed, one
+    fine-tuning run per model, pre-training seed and fine-tuning seed."""
 
     def __init__(self, output_dir: str | Path):
         self.out = Path(output_dir)
 
-    def run_dir(self, variant: str) -> Path:
-        return self.out / "pretrain" / variant
+    def run_dir(self, variant: str, pretrain_seed: int) -> Path:
+        return self.out / "pretrain" / f"{variant}-p{pretrain_seed}"
 
-    def export_dir(self, model: Model) -> Path:
-        return self.run_dir(model.variant) / "export" / model.member
+    def export_dir(self, model: Model, pretrain_seed: int) -> Path:
+        return self.run_dir(model.variant, pretrain_seed) / "export" / model.member
 
-    def finetune_dir(self, model: Model, seed: int) -> Path:
-        return self.out / "finetune" / f"{model.variant}-{model.member}-seed{seed}"
+    def finetune_dir(self, model: Model, pretrain_seed: int, seed: int) -> Path:
+        return self.out / "finetune" / f"{model.variant}-{model.member}-p{pretrain_seed}-seed{seed}"
 
 
-def pretrain_config(exp: ExperimentConfig, name: str) -> PretrainConfig:
-    """The pre-training run of variant ``name``: its recipe with the experiment's models, steps and edge weights."""
+def pretrain_config(exp: ExperimentConfig, name: str, pretrain_seed: int) -> PretrainConfig:
+    """The pre-training run of variant ``name`` with ``pretrain_seed`` (initialisation, data order, masks and
+    dropout): its recipe with the experiment's models, steps and edge weights, evaluated on the whole held-out
+    split. A KD or Community KD teacher is the standalone teacher of the same seed (every comparison is paired)."""
     variant, paths = VARIANTS[name], Paths(exp.output_dir)
     steps = steps_for(exp, "pretrain_steps")
     cfg = load_config(variant.recipe)
-    cfg.output_dir = str(paths.run_dir(name))
+    cfg.output_dir = str(paths.run_dir(name, pretrain_seed))
+    cfg.seed = pretrain_seed
     cfg.train.steps = steps
     cfg.train.micro_batch_size = steps_for(exp, "pretrain_batch")
     cfg.train.eval_every = max(1, steps // 6)
+    cfg.train.eval_batches = 0  # the whole held-out split: the low-noise metrics
     cfg.checkpoint.every = 0
     if exp.quick:
         cfg.data.max_train_blocks, cfg.train.eval_batches, cfg.data.seq_len = 256, 2, 64
     big, small = pair(exp)
-    teacher = str(paths.export_dir(MODELS[0]))
+    teacher = str(paths.export_dir(MODELS[0], pretrain_seed))
     starts = {BIG: big, SMALL: small, TEACHER: teacher}
     assert set(cfg.members) == set(variant.starts), (name, list(cfg.members))
     for member, start in variant.starts.items():
@@ -142,13 +147,14 @@ def pretrain_config(exp: ExperimentConfig, name: str) -> PretrainConfig:
     return cfg
 
 
-def finetune_config(exp: ExperimentConfig, model: Model, seed: int) -> FinetuneConfig:
-    """Fine-tuning ``model`` with ``seed`` on the experiment's task."""
+def finetune_config(exp: ExperimentConfig, model: Model, pretrain_seed: int, seed: int) -> FinetuneConfig:
+    """Fine-tuning ``model`` (pre-trained with ``pretrain_seed``) with ``seed`` on the experiment's task."""
+    paths = Paths(exp.output_dir)
     cfg = FinetuneConfig()
-    cfg.output_dir = str(Paths(exp.output_dir).finetune_dir(model, seed))
+    cfg.output_dir = str(paths.finetune_dir(model, pretrain_seed, seed))
     cfg.seed = seed
     member = cfg.members["model"]
-    member.model = str(Paths(exp.output_dir).export_dir(model))
+    member.model = str(paths.export_dir(model, pretrain_seed))
     member.lr = exp.finetune_lr
     cfg.train.steps = steps_for(exp, "finetune_steps")
     cfg.export = False
