@@ -292,6 +292,8 @@ def test_resume_never_refuses_to_overwrite(tmp_path, tiny):
 EXPECTED_SHAPES = {  # (layers, hidden, heads, FFN), written out independently of PRESETS
     "tiny-teacher": (4, 256, 4, 1024),
     "tiny-student": (2, 128, 2, 512),
+    "ratio-teacher": (6, 256, 4, 1024),
+    "ratio-student": (4, 256, 4, 1024),
     "paper-teacher": (6, 768, 12, 3072),
     "paper-student": (4, 768, 12, 3072),
     "bert-base": (12, 768, 12, 3072),
