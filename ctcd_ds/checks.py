@@ -570,7 +570,7 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
             problems.append(
                 f"{key}={model}: neither a model preset ({', '.join(PRESETS)}) nor a model directory with a config.json"
             )
-    for key in ("pretrain_steps", "pretrain_batch", "finetune_steps", "pretrain_lr", "finetune_lr"):
+    for key in ("pretrain_steps", "pretrain_batch", "pretrain_seq_len", "finetune_steps", "pretrain_lr", "finetune_lr"):
         if getattr(exp, key) <= 0:
             problems.append(f"{key}={getattr(exp, key)}: must be > 0")
     return problems

@@ -61,7 +61,14 @@ def test_the_pair_by_scale_or_by_presets(tmp_path):
 def test_each_variant_puts_each_weight_on_its_edge(tmp_path):
     exp = load_config(
         None,
-        [f"--output_dir={tmp_path}", "--alpha=0.3", "--beta=0.7", "--peer_weight=0.2", "--temperature=3"],
+        [
+            f"--output_dir={tmp_path}",
+            "--alpha=0.3",
+            "--beta=0.7",
+            "--peer_weight=0.2",
+            "--temperature=3",
+            "--pretrain_seq_len=64",
+        ],
         ExperimentConfig,
     )
     expected = {
@@ -81,7 +88,7 @@ def test_each_variant_puts_each_weight_on_its_edge(tmp_path):
         assert {(e.source, e.target): e.weight for e in cfg.edges} == weights, name
         assert all(e.temperature == 3 and e.schedule == "constant" for e in cfg.edges)
         assert cfg.output_dir == str(tmp_path / "pretrain" / f"{name}-p7") and cfg.seed == 7
-        assert cfg.train.eval_batches == 0  # the whole held-out split
+        assert cfg.train.eval_batches == 0 and cfg.data.seq_len == 64  # the whole held-out split
         trained = {n for n, m in cfg.members.items() if m.trainable}
         assert all(cfg.members[n].lr == exp.pretrain_lr for n in trained)
     kd_teacher = pretrain_config(exp, "kd", 7).members["teacher"]

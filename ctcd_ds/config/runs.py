@@ -127,6 +127,8 @@ class ExperimentConfig:
     """Pre-training steps of every variant."""
     pretrain_batch: int = 32
     """Pre-training micro-batch (blocks per rank)."""
+    pretrain_seq_len: int = 128
+    """Tokens per pre-training block ([CLS] and [SEP] included)."""
     pretrain_lr: float = 1e-3
     """Peak learning rate of every member trained in pre-training."""
     variants: list[Variant] = field(default_factory=lambda: ["standalone", "kd", "ctcd", "community_kd"])

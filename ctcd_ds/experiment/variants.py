@@ -122,6 +122,7 @@ def pretrain_config(exp: ExperimentConfig, name: str, pretrain_seed: int) -> Pre
     cfg.seed = pretrain_seed
     cfg.train.steps = steps
     cfg.train.micro_batch_size = steps_for(exp, "pretrain_batch")
+    cfg.data.seq_len = exp.pretrain_seq_len
     cfg.train.eval_every = max(1, steps // 6)
     cfg.train.eval_batches = 0  # the whole held-out split: the low-noise metrics
     cfg.checkpoint.every = 0
