@@ -29,11 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.step import build  # noqa: E402  (the recipe's run, or one member alone)
 from ctcd_ds import dist, perf  # noqa: E402
-from ctcd_ds.checks import check  # noqa: E402
 from ctcd_ds.config import load_config  # noqa: E402
 from ctcd_ds.step import LogWindow  # noqa: E402
-from ctcd_ds.tasks import MaskedLM  # noqa: E402
 from ctcd_ds.trainer import Trainer  # noqa: E402
 
 QUICK = ["--data.seq_len=32", "--data.max_train_blocks=64", "--train.micro_batch_size=4", "--tokenizer.vocab_size=1000"]
@@ -56,15 +55,6 @@ loss, statistics read every ``log_every`` steps, no torch.compile; the recipe's 
 masked positions first changes)."""
 
 ALONE = ("teacher", "student")
-
-
-def build(config: str, out: Path, overrides: list[str], alone: str | None = None) -> Trainer:
-    cfg = load_config(config, [*overrides, f"--output_dir={out}"])
-    if alone:
-        cfg.members = {alone: cfg.members[alone]}
-        cfg.edges = []
-    check(cfg)
-    return Trainer(cfg, MaskedLM(cfg))
 
 
 def measure(trainer: Trainer, warmup: int, steps: int) -> dict:
@@ -100,7 +90,7 @@ def measure(trainer: Trainer, warmup: int, steps: int) -> dict:
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, alone: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build(config, Path(tmp) / "run", overrides, alone)
+        trainer = build(config, "run", Path(tmp), overrides, alone)
         try:
             return measure(trainer, warmup, steps)
         finally:

@@ -110,52 +110,50 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         first = not hasattr(ctx, "backwards")
         ctx.backwards = getattr(ctx, "backwards", 0) + 1
-        if (
+        on_device = (
             first
             and grad_output.device.type not in HOST_READ_DEVICES
             and all(b.dtype in DEVICE_SCALED_DTYPES for b in ctx.saved_tensors)
-        ):
-            return _PrecomputedGradLoss._scale_on_device(ctx, grad_output, saved)
-        g = float(grad_output)
+        )
+        g = None if on_device else float(grad_output)
         out = []
         for i, present in enumerate(ctx.present):
             buf = next(saved) if present else None
             if buf is None or not ctx.needs_input_grad[3 + i]:
                 out.append(None)
-                continue
-            want, have = g * ctx.scales[i], float(ctx.applied[i])
-            if have == 0.0 or not math.isfinite(have):
-                raise RuntimeError(
-                    "backward through a retained fused KD loss whose first backward had a zero or non-finite "
-                    "grad_output on the device: that gradient buffer was scaled to it in place"
-                )
-            if want == have:
-                out.append(buf)
-            elif want != 0.0 and math.isfinite(want):
-                # .data: rescale without bumping the saved tensor's version (a retained graph stays usable)
-                buf.data.mul_(want / have)
-                ctx.applied[i] = want
-                out.append(buf)
-            else:  # zero or non-finite grad_output: leave the buffer intact, hand autograd a new tensor
-                out.append(buf * (want / have))
+            elif on_device:
+                out.append(_PrecomputedGradLoss._scale_on_device(ctx, i, buf, grad_output))
+            else:
+                out.append(_PrecomputedGradLoss._rescale_on_host(ctx, i, buf, g))
         return (None, None, None, *out)
 
     @staticmethod
-    def _scale_on_device(ctx, grad_output, saved):
-        """First backward on an accelerator: scale each wanted buffer in place by ``grad_output * scale``, a
-        device tensor; nothing is read on the host."""
-        out = []
-        for i, present in enumerate(ctx.present):
-            buf = next(saved) if present else None
-            if buf is None or not ctx.needs_input_grad[3 + i]:
-                out.append(None)
-                continue
-            factor = grad_output.detach().to(torch.float64 if buf.dtype == torch.float64 else torch.float32)
-            factor = factor * ctx.scales[i]
-            buf.data.mul_(factor)
-            ctx.applied[i] = factor
-            out.append(buf)
-        return (None, None, None, *out)
+    def _rescale_on_host(ctx, i, buf, g):
+        """Buffer ``i`` scaled to ``g * scale``, ``g`` read on the host."""
+        want, have = g * ctx.scales[i], float(ctx.applied[i])
+        if have == 0.0 or not math.isfinite(have):
+            raise RuntimeError(
+                "backward through a retained fused KD loss whose first backward had a zero or non-finite "
+                "grad_output on the device: that gradient buffer was scaled to it in place"
+            )
+        if want == have:
+            return buf
+        if want != 0.0 and math.isfinite(want):
+            # .data: rescale without bumping the saved tensor's version (a retained graph stays usable)
+            buf.data.mul_(want / have)
+            ctx.applied[i] = want
+            return buf
+        return buf * (want / have)  # zero or non-finite grad_output: leave the buffer intact, hand autograd a new one
+
+    @staticmethod
+    def _scale_on_device(ctx, i, buf, grad_output):
+        """First backward on an accelerator: buffer ``i`` scaled in place by ``grad_output * scale``, a device
+        tensor; nothing is read on the host."""
+        factor = grad_output.detach().to(torch.float64 if buf.dtype == torch.float64 else torch.float32)
+        factor = factor * ctx.scales[i]
+        buf.data.mul_(factor)
+        ctx.applied[i] = factor
+        return buf
 
 
 HOST_READ_DEVICES = ("cpu",)
